@@ -1,0 +1,1 @@
+"""Learned channel permutations for N:M sparsity, as an llm-compressor plugin."""

@@ -1,0 +1,176 @@
+"""Offline evaluation: perplexity, KL divergence to a reference model, WikiText-2, N:M checks.
+
+Windowing, shared by `perplexity` and `kl_divergence`: the text is tokenised once without special
+tokens and cut into consecutive, non-overlapping chunks of ``seq_len - 1`` tokens. Every window is
+``[BOS] + chunk``, so every text token is predicted exactly once (the first token of a window from
+BOS alone, the others from the BOS and the window's earlier tokens; no context crosses windows). The
+tail chunk, shorter than the others, is evaluated too, in its own batch. Predicted positions are
+therefore exactly the text's tokens, and ``tokens`` in the results counts them.
+
+This differs from the GPTQ/SparseGPT/Wanda script (windows of ``seq_len`` tokens with one BOS at the
+start of the whole text, the first token of every window unscored and the tail dropped): that
+script's numbers are comparable to each other, ours to ours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.utils import match_named_modules
+
+from learned_permutation.integration.data import InputError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``nll`` is the mean negative log-likelihood per predicted token in nats; ``ppl = exp(nll)``."""
+
+    tokens: int
+    nll: float
+    ppl: float
+
+
+@dataclass(frozen=True)
+class KLResult:
+    """``kl`` is the mean over predicted token positions of KL(reference || model), in nats."""
+
+    tokens: int
+    kl: float
+
+
+def text_windows(tokenizer, text: str, seq_len: int) -> list[torch.Tensor]:
+    """The ``[BOS] + chunk`` windows described in the module docstring, as 1-D LongTensors."""
+    if seq_len < 2:
+        raise InputError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    if tokenizer.bos_token_id is None:
+        raise InputError("evaluation windows start with BOS, but the tokenizer defines no BOS token")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() == 0:
+        raise InputError("evaluation text is empty: it tokenises to no tokens")
+    bos = torch.tensor([tokenizer.bos_token_id])
+    return [torch.cat([bos, chunk]) for chunk in ids.split(seq_len - 1)]
+
+
+def _batches(windows: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack windows of equal length into batches (all but the tail window are full length)."""
+    full, tail = windows[:-1], windows[-1]
+    if tail.numel() == windows[0].numel():
+        full, tail = windows, None
+    for start in range(0, len(full), batch_size):
+        yield torch.stack(full[start : start + batch_size])
+    if tail is not None:
+        yield tail.unsqueeze(0)
+
+
+def _next_token_log_probs(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities ``[batch, len - 1, vocab]`` of each window's next tokens."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits[:, :-1, :]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 8) -> PerplexityResult:
+    """Token-level perplexity of ``text`` under ``model`` (windowing in the module docstring)."""
+    total_nll, total_tokens = 0.0, 0
+    for input_ids in _batches(text_windows(tokenizer, text, seq_len), batch_size):
+        log_probs = _next_token_log_probs(model, input_ids)
+        targets = input_ids[:, 1:].to(log_probs.device)
+        total_nll -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        total_tokens += targets.numel()
+    nll = total_nll / total_tokens
+    return PerplexityResult(tokens=total_tokens, nll=nll, ppl=math.exp(nll))
+
+
+@torch.no_grad()
+def kl_divergence(
+    reference_model, model, tokenizer, text: str, seq_len: int, batch_size: int = 8
+) -> KLResult:
+    """Mean KL(reference || model) of the next-token distributions at every predicted position.
+
+    It measures how far compression moved the model's predictions, whatever the text's domain.
+    """
+    total_kl, total_tokens = 0.0, 0
+    for input_ids in _batches(text_windows(tokenizer, text, seq_len), batch_size):
+        reference = _next_token_log_probs(reference_model, input_ids)
+        candidate = _next_token_log_probs(model, input_ids).to(reference.device)
+        total_kl += F.kl_div(candidate, reference, log_target=True, reduction="sum").item()
+        total_tokens += reference.shape[0] * reference.shape[1]
+    return KLResult(tokens=total_tokens, kl=total_kl / total_tokens)
+
+
+def wikitext_rows(path: str | Path) -> list[str]:
+    """The rows of a WikiText raw file as the Hugging Face ``wikitext`` builder yields them: each line
+    with its newline kept, and whitespace-only lines as empty strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"WikiText file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return [line if line.strip() else "" for line in lines]
+
+
+def wikitext_eval_text(path: str | Path) -> str:
+    """WikiText text for perplexity the way the pruning literature builds it (GPTQ, SparseGPT, Wanda,
+    and the LLaMA-2 anchors in DESIGN.md): ``"\\n\\n".join`` of the Hugging Face rows. Used everywhere
+    in this project, so our WikiText numbers share one preprocessing."""
+    return "\n\n".join(wikitext_rows(path))
+
+
+@dataclass(frozen=True)
+class NMModuleReport:
+    """One Linear's N:M check in storage order: groups are ``m`` consecutive input columns of a row."""
+
+    name: str
+    shape: tuple[int, int]
+    groups: int
+    violating_groups: int
+    density: float
+
+    @property
+    def ok(self) -> bool:
+        return self.groups > 0 and self.violating_groups == 0
+
+
+@dataclass(frozen=True)
+class NMSparsityReport:
+    n: int
+    m: int
+    modules: list[NMModuleReport]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.modules) and all(module.ok for module in self.modules)
+
+    @property
+    def failures(self) -> list[NMModuleReport]:
+        return [module for module in self.modules if not module.ok]
+
+
+def check_nm_sparsity(
+    model: torch.nn.Module, n: int, m: int, ignore: Iterable[str] = ("re:.*lm_head",)
+) -> NMSparsityReport:
+    """Check that every Linear (outside ``ignore``) has at most ``n`` non-zeros in each group of ``m``
+    consecutive input columns, in the order the weights are stored (what a 2:4 kernel reads).
+
+    ``ignore`` uses llm-compressor's matching (exact names, ``re:`` prefixes, class names), so a
+    recipe's ``ignore`` list can be passed as is. A Linear whose input dimension is not a multiple of
+    ``m`` reports 0 groups and is not ok.
+    """
+    reports = []
+    for name, module in match_named_modules(model, ["Linear"], list(ignore)):
+        weight = module.weight.detach()
+        rows, cols = weight.shape
+        nonzero = weight != 0
+        if cols % m:
+            groups, violating = 0, 0
+        else:
+            per_group = nonzero.reshape(rows, cols // m, m).sum(dim=-1)
+            groups, violating = per_group.numel(), int((per_group > n).sum())
+        density = nonzero.float().mean().item()
+        reports.append(NMModuleReport(name, (rows, cols), groups, violating, density))
+    return NMSparsityReport(n=n, m=m, modules=reports)

@@ -1,0 +1,46 @@
+"""N:M masks along the input (last) dimension."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_MASK_STRUCTURE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_mask_structure(structure: str) -> tuple[int, int]:
+    """Parse "N:M" (keep N of every M consecutive input weights) into (N, M)."""
+    match = _MASK_STRUCTURE.match(str(structure))
+    if match is None:
+        raise ValueError(
+            f"mask structure {structure!r} is not of the form 'N:M' (e.g. '2:4'); "
+            "in YAML quote it ('2:4'), unquoted it parses as a number"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    check_nm(n, m)
+    return n, m
+
+
+def check_nm(n: int, m: int) -> None:
+    """Only 1 <= N < M describes a real N:M sparsity pattern."""
+    if not 1 <= n < m:
+        raise ValueError(f"N:M sparsity needs 1 <= N < M, got {n}:{m}")
+
+
+def check_divisible(size: int, m: int, what: str = "channel count") -> None:
+    if size % m:
+        raise ValueError(
+            f"{what} {size} is not divisible by M={m}: N:M groups of {m} consecutive "
+            f"channels cannot tile it; choose an M that divides {size} or leave this layer dense"
+        )
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the top-n scores of every m consecutive entries of the last dim."""
+    check_nm(n, m)
+    check_divisible(scores.shape[-1], m, "last dimension")
+    grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    kept = grouped.topk(n, dim=-1).indices
+    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, kept, True)
+    return mask.reshape(scores.shape)
