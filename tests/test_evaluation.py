@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 from conftest import shared_file
 
 from learned_permutation.integration.data import InputError
+from learned_permutation.integration.lm_eval_tasks import run_lm_eval_wikitext
+from learned_permutation.integration.lm_eval_tasks.wikitext_local import _is_article_title, wikitext_pages
 from learned_permutation.integration.evaluation import (
     check_nm_sparsity,
     kl_divergence,
@@ -33,6 +36,7 @@ def test_windows_cover_every_token_once_with_a_short_tail(tiny_llama):
     assert [w.tolist() for w in windows] == _windows_by_hand(tokenizer, TEXT, 32)
     assert sum(len(w) - 1 for w in windows) == len(TEXT)
     assert len(windows[-1]) < 32
+    assert [w.tolist() for w in text_windows(tokenizer, TEXT, 32, max_windows=3)] == _windows_by_hand(tokenizer, TEXT, 32)[:3]
 
 
 def test_perplexity_matches_a_window_by_window_loss_sum(tiny_llama):
@@ -78,6 +82,9 @@ def test_kl_is_zero_for_the_same_model_and_matches_a_direct_computation(tiny_lla
             count += p.shape[0]
     assert result.kl > 1e-4
     assert result.kl == pytest.approx(total / count, rel=1e-4)
+    for compared, ppl in ((result.model, perplexity(noisy, tokenizer, TEXT, 40)),
+                          (result.reference, perplexity(model, tokenizer, TEXT, 40))):
+        assert compared.tokens == ppl.tokens and compared.nll == pytest.approx(ppl.nll, rel=1e-6)
 
 
 def test_evaluation_rejects_empty_text_and_tiny_windows(tiny_llama):
@@ -92,7 +99,7 @@ def test_wikitext_rows_follow_the_hugging_face_builder(tmp_path):
     path = tmp_path / "wiki.raw"
     path.write_text(" \n = Title = \n \n Some text .\n", encoding="utf-8")
     assert wikitext_rows(path) == ["", " = Title = \n", "", " Some text .\n"]
-    assert wikitext_eval_text(path) == "\n\n = Title = \n\n\n\n Some text .\n"
+    assert wikitext_eval_text(path) == "" + "\n\n" + " = Title = \n" + "\n\n" + "" + "\n\n" + " Some text .\n"
 
 
 def test_wikitext_validation_file_has_the_documented_lines():
@@ -131,3 +138,39 @@ def test_check_nm_sparsity_counts_violating_groups_in_storage_order():
     # the same columns permuted within groups stay 2:4; a permutation across groups breaks them
     assert check_nm_sparsity(_linear_model({"p": two_of_four[:, [3, 2, 1, 0, 4, 5, 6, 7]]}), 2, 4).ok
     assert not check_nm_sparsity(_linear_model({"p": two_of_four[:, [0, 2, 5, 6, 1, 3, 4, 7]]}), 2, 4).ok
+
+
+def test_wikitext_pages_cut_the_validation_file_into_its_60_articles():
+    raw = shared_file("wikitext2/wiki.valid.raw").read_text(encoding="utf-8")
+    pages = wikitext_pages(raw)
+    assert len(pages) == 60
+    assert all(_is_article_title(page.split("\n", 1)[0]) for page in pages)
+    blank_first_line, rest = raw.split("\n", 1)
+    assert not blank_first_line.strip()
+    assert "\n".join(pages) == rest  # nothing lost but the blank line before the first title
+
+
+def test_lm_eval_wikitext_task_matches_a_direct_log_likelihood(tiny_llama_dir, tiny_llama, tmp_path):
+    """A one-article file shorter than the context is a single lm-eval window: a BOS prefix, then the
+    detokenized page encoded with the tokenizer's defaults. lm-eval 0.4.13 thus scores a second BOS
+    when the tokenizer prepends one (as Llama's do, and this one): [BOS] + [BOS, page tokens...]."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    model, tokenizer = tiny_llama
+    page = " = Tiny = \n \n The fox , the dog and the cat @-@ ish bird sat .\n"
+    path = tmp_path / "tiny.raw"
+    path.write_text(" \n" + page, encoding="utf-8")
+
+    metrics = run_lm_eval_wikitext(tiny_llama_dir, path, batch_size=1)
+
+    scored = [tokenizer.bos_token_id] + tokenizer(wikitext_detokenizer({"page": page}))["input_ids"]
+    assert scored[:2] == [tokenizer.bos_token_id] * 2 and len(scored) < 128
+    ids = torch.tensor([scored])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    total_nll = -log_probs.gather(-1, ids[0, 1:, None]).sum().item()
+    words, size = len(re.split(r"\s+", page)), len(page.encode())
+    assert math.isfinite(metrics["word_perplexity"])
+    assert metrics["word_perplexity"] == pytest.approx(math.exp(total_nll / words), rel=1e-4)
+    assert metrics["byte_perplexity"] == pytest.approx(math.exp(total_nll / size), rel=1e-4)
+    assert metrics["bits_per_byte"] == pytest.approx(total_nll / size / math.log(2), rel=1e-4)

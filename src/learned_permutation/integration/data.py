@@ -85,6 +85,13 @@ def parquet_dataset(path: str | Path, text_column: str = "text") -> Dataset:
     return _nonempty(texts, f"{path} column {text_column!r}")
 
 
+def file_dataset(path: str | Path, text_column: str = "text", min_chars: int = 2000) -> Dataset:
+    """`parquet_dataset` for ``*.parquet`` files, `text_file_dataset` for anything else."""
+    if Path(path).suffix.lower() == ".parquet":
+        return parquet_dataset(path, text_column)
+    return text_file_dataset(path, min_chars)
+
+
 @torch.no_grad()
 def sample_token_ids(
     model,

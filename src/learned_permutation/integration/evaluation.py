@@ -5,7 +5,11 @@ tokens and cut into consecutive, non-overlapping chunks of ``seq_len - 1`` token
 ``[BOS] + chunk``, so every text token is predicted exactly once (the first token of a window from
 BOS alone, the others from the BOS and the window's earlier tokens; no context crosses windows). The
 tail chunk, shorter than the others, is evaluated too, in its own batch. Predicted positions are
-therefore exactly the text's tokens, and ``tokens`` in the results counts them.
+therefore exactly the text's tokens, and ``tokens`` in the results counts them. ``max_windows``
+keeps only the first windows (a quick estimate on a long text, like lm-eval's ``--limit``).
+
+Memory: one batch of float32 log-probabilities, ``batch_size * seq_len * vocab * 4`` bytes (twice that
+for KL); lower ``batch_size`` for large vocabularies.
 
 This differs from the GPTQ/SparseGPT/Wanda script (windows of ``seq_len`` tokens with one BOS at the
 start of the whole text, the first token of every window unscored and the tail dropped): that
@@ -37,23 +41,40 @@ class PerplexityResult:
 
 @dataclass(frozen=True)
 class KLResult:
-    """``kl`` is the mean over predicted token positions of KL(reference || model), in nats."""
+    """``kl`` is the mean over predicted token positions of KL(reference || model), in nats; ``model``
+    and ``reference`` are both models' perplexities on the same tokens, which the same passes give."""
 
     tokens: int
     kl: float
+    model: PerplexityResult
+    reference: PerplexityResult
 
 
-def text_windows(tokenizer, text: str, seq_len: int) -> list[torch.Tensor]:
+def _perplexity_result(total_nll: float, tokens: int) -> PerplexityResult:
+    return PerplexityResult(tokens=tokens, nll=total_nll / tokens, ppl=math.exp(total_nll / tokens))
+
+
+def _target_nll(log_probs: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Summed negative log-likelihood of each window's tokens after the first."""
+    targets = input_ids[:, 1:].to(log_probs.device)
+    return -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+
+
+def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> list[torch.Tensor]:
     """The ``[BOS] + chunk`` windows described in the module docstring, as 1-D LongTensors."""
     if seq_len < 2:
         raise InputError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
     if tokenizer.bos_token_id is None:
         raise InputError("evaluation windows start with BOS, but the tokenizer defines no BOS token")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    # verbose=False: a text longer than the model's context is expected here; windows cut it
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() == 0:
         raise InputError("evaluation text is empty: it tokenises to no tokens")
     bos = torch.tensor([tokenizer.bos_token_id])
-    return [torch.cat([bos, chunk]) for chunk in ids.split(seq_len - 1)]
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"max_windows must be at least 1, got {max_windows}")
+    chunks = ids.split(seq_len - 1)[:max_windows]
+    return [torch.cat([bos, chunk]) for chunk in chunks]
 
 
 def _batches(windows: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -75,33 +96,45 @@ def _next_token_log_probs(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 8) -> PerplexityResult:
+def perplexity(
+    model, tokenizer, text: str, seq_len: int, batch_size: int = 8, max_windows: int | None = None
+) -> PerplexityResult:
     """Token-level perplexity of ``text`` under ``model`` (windowing in the module docstring)."""
     total_nll, total_tokens = 0.0, 0
-    for input_ids in _batches(text_windows(tokenizer, text, seq_len), batch_size):
-        log_probs = _next_token_log_probs(model, input_ids)
-        targets = input_ids[:, 1:].to(log_probs.device)
-        total_nll -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        total_tokens += targets.numel()
-    nll = total_nll / total_tokens
-    return PerplexityResult(tokens=total_tokens, nll=nll, ppl=math.exp(nll))
+    for input_ids in _batches(text_windows(tokenizer, text, seq_len, max_windows), batch_size):
+        total_nll += _target_nll(_next_token_log_probs(model, input_ids), input_ids)
+        total_tokens += input_ids[:, 1:].numel()
+    return _perplexity_result(total_nll, total_tokens)
 
 
 @torch.no_grad()
 def kl_divergence(
-    reference_model, model, tokenizer, text: str, seq_len: int, batch_size: int = 8
+    reference_model,
+    model,
+    tokenizer,
+    text: str,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
 ) -> KLResult:
     """Mean KL(reference || model) of the next-token distributions at every predicted position.
 
     It measures how far compression moved the model's predictions, whatever the text's domain.
     """
-    total_kl, total_tokens = 0.0, 0
-    for input_ids in _batches(text_windows(tokenizer, text, seq_len), batch_size):
+    total_kl, model_nll, reference_nll, total_tokens = 0.0, 0.0, 0.0, 0
+    for input_ids in _batches(text_windows(tokenizer, text, seq_len, max_windows), batch_size):
         reference = _next_token_log_probs(reference_model, input_ids)
         candidate = _next_token_log_probs(model, input_ids).to(reference.device)
         total_kl += F.kl_div(candidate, reference, log_target=True, reduction="sum").item()
-        total_tokens += reference.shape[0] * reference.shape[1]
-    return KLResult(tokens=total_tokens, kl=total_kl / total_tokens)
+        model_nll += _target_nll(candidate, input_ids)
+        reference_nll += _target_nll(reference, input_ids)
+        total_tokens += input_ids[:, 1:].numel()
+    return KLResult(
+        tokens=total_tokens,
+        kl=total_kl / total_tokens,
+        model=_perplexity_result(model_nll, total_tokens),
+        reference=_perplexity_result(reference_nll, total_tokens),
+    )
 
 
 def wikitext_rows(path: str | Path) -> list[str]:

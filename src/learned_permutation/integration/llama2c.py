@@ -16,6 +16,7 @@ Two things differ between the formats and are handled here:
 from __future__ import annotations
 
 import argparse
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,7 @@ def _parse_header(path: Path, raw: bytes) -> Llama2cHeader:
     header = Llama2cHeader(
         dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len, shared_classifier=vocab_size > 0
     )
-    positive = (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)
-    if min(abs(value) for value in positive) <= 0:
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len) <= 0:
         raise Llama2cFormatError(f"{path}: header has a zero or negative size field: {header}")
     if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise Llama2cFormatError(
@@ -289,8 +289,13 @@ def build_sentencepiece_tokenizer(tokenizer_model: Path, model_max_length: int) 
     if proto.normalizer_spec.add_dummy_prefix:
         decode_steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(decode_steps)
-    control = [AddedToken(piece.piece, special=True, normalized=False) for piece in proto.pieces if piece.type in (_CONTROL, _UNKNOWN)]
-    backend.add_special_tokens(control)
+    backend.add_special_tokens(
+        [
+            AddedToken(piece.piece, special=True, normalized=False)
+            for piece in proto.pieces
+            if piece.type in (_CONTROL, _UNKNOWN)
+        ]
+    )
 
     unk, bos, eos = (proto.pieces[index].piece for index in (spec.unk_id, spec.bos_id, spec.eos_id))
     return PreTrainedTokenizerFast(
@@ -306,6 +311,19 @@ def build_sentencepiece_tokenizer(tokenizer_model: Path, model_max_length: int) 
         split_special_tokens=True,
         clean_up_tokenization_spaces=False,
     )
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:
+    """Save, naming the class `PreTrainedTokenizerFast` so transformers 4 (vLLM <= 0.18.1) loads it too.
+
+    transformers 5 writes its internal class name `TokenizersBackend`, which transformers 4 lacks; both versions
+    map `PreTrainedTokenizerFast` to the generic class that serves tokenizer.json unchanged.
+    """
+    tokenizer.save_pretrained(output_dir)
+    config_path = output_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def convert_llama2c(checkpoint: Path, tokenizer_model: Path, output_dir: Path) -> Path:
@@ -324,12 +342,12 @@ def convert_llama2c(checkpoint: Path, tokenizer_model: Path, output_dir: Path) -
     if header.shared_classifier:
         model.tie_weights()
     model.generation_config = GenerationConfig(
-        bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=tokenizer.pad_token_id, max_length=header.seq_len
+        bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=tokenizer.pad_token_id
     )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    _save_tokenizer(tokenizer, output_dir)
     logger.info(f"converted {checkpoint} ({header}) -> {output_dir}")
     return output_dir
 

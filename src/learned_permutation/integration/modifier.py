@@ -96,7 +96,8 @@ class LearnedPermutationModifier(Modifier):
         pruner follows), or one of ``magnitude``, ``wanda``, ``ria``, ``sparsegpt``.
     :param targets: Linear modules whose N:M pruning the permutation optimises. Default:
         the targets of the pruner that follows (``["Linear"]`` without one).
-    :param ignore: modules excluded from the objective. Default: the pruner's ignore list.
+    :param ignore: modules excluded from the objective. Default: the pruner's ignore list
+        (``["re:.*lm_head"]`` without one: the head is almost never pruned).
     :param solver_args: extra keyword arguments for the solver (see
         ``learned_permutation.math.solve_permutation``), e.g. ``{steps: 200}``.
     :param seed: seed for every random choice of the solvers.
@@ -184,7 +185,7 @@ class LearnedPermutationModifier(Modifier):
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         calibrated = set(kwargs.get("modules", ()))
-        for site in [s for s in self._pending if any(m in calibrated for m in s.consumer_modules)]:
+        for site in [s for s in self._pending if any(c.module in calibrated for c in s.consumer_modules)]:
             self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)))
             self._pending.remove(site)
 
@@ -259,16 +260,16 @@ class LearnedPermutationModifier(Modifier):
 
     def _resolve_targets(self, pruner) -> tuple[list[str], list[str]]:
         targets = self.targets if self.targets is not None else getattr(pruner, "targets", ["Linear"])
-        ignore = self.ignore if self.ignore is not None else getattr(pruner, "ignore", [])
+        ignore = self.ignore if self.ignore is not None else getattr(pruner, "ignore", ["re:.*lm_head"])
         return ([targets] if isinstance(targets, str) else list(targets)), list(ignore)
 
     def _objective_modules(self, site: PermutationSite) -> list[nn.Module]:
         """Consumers of the site that the pruner will actually prune."""
         return [
-            module
-            for module in site.consumer_modules
-            if match_targets(self._names[module], module, self._targets)
-            and not match_targets(self._names[module], module, self._ignore)
+            named.module
+            for named in site.consumer_modules
+            if match_targets(named.name, named.module, self._targets)
+            and not match_targets(named.name, named.module, self._ignore)
         ]
 
     # ------------------------------------------------------------------ learning
@@ -290,7 +291,7 @@ class LearnedPermutationModifier(Modifier):
             logger.warning(f"{site.name}: no targeted consumer saw calibration data; left as is")
             return
         start = time.perf_counter()
-        consumers = site.consumers(stats)
+        consumers = site.consumers_from_stats(stats)
         problem = dict(n=self._n, m=self._m, score_kind=self._score_kind, block_size=site.block_size)
         with torch.enable_grad():
             perm = solve_permutation(consumers, method=self.method, seed=self.seed, **problem, **self.solver_args)
@@ -316,7 +317,9 @@ class LearnedPermutationModifier(Modifier):
     def _reindex_other_modifiers(self, site: PermutationSite, perm: torch.Tensor):
         others = [m for m in self._recipe_modifiers() if m is not self]
         if others:
-            touched = reindex_calibration_state(others, site.input_column_permutations(perm), self._names)
+            columns = site.consumer_column_index(perm)
+            permuted = {named.module: columns for named in site.consumer_modules}
+            touched = reindex_calibration_state(others, permuted, self._names)
             if touched:
                 logger.debug(f"{site.name}: re-indexed {touched}")
 

@@ -14,8 +14,21 @@ from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.offload.cache import OffloadCache
 
 
-def read_parameter(module: torch.nn.Module, name: str, device: torch.device | None = None) -> torch.Tensor:
-    """The parameter's current value (onloaded if offloaded), detached, optionally moved to `device`."""
+def stored_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor that holds the parameter without onloading it (a meta tensor when on disk)."""
+    params = module._parameters
+    return params.offloaded_values.get(name) if isinstance(params, OffloadCache) else params.get(name)
+
+
+def read_parameter(module: torch.nn.Module, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The parameter's current value, detached: onloaded to the module's execution device, or on `device`.
+
+    When the stored (offloaded) tensor already lives on `device` it is returned as is, so reading
+    every layer's weights to the CPU does not onload them all to the accelerator first.
+    """
+    stored = stored_tensor(module, name)
+    if device is not None and not stored.is_meta and stored.device == torch.device(device):
+        return stored.detach()
     value = getattr(module, name).detach()
     return value if device is None else value.to(device)
 
@@ -32,8 +45,7 @@ def storage_key(module: torch.nn.Module, name: str) -> Hashable:
     Offloaded parameters are identified by their offloaded tensor (shared between tied modules
     on CPU; disk offloading gives each module its own file, so those are no longer tied).
     """
-    params = module._parameters
-    stored = params.offloaded_values[name] if isinstance(params, OffloadCache) else params[name]
+    stored = stored_tensor(module, name)
     if stored.is_meta:
         return id(stored)
     return stored.untyped_storage().data_ptr(), stored.storage_offset()

@@ -10,13 +10,13 @@ Three kinds (DESIGN.md section 2):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from learned_permutation.math.objectives import Consumer
-from learned_permutation.structure.offload import read_parameter
+from learned_permutation.structure.offload import read_parameter, stored_tensor
 from learned_permutation.structure.registry import ArchitectureMapping, AttentionShape, mapping_for
 
 SiteKind = Literal["residual", "mlp", "attn_vo"]
@@ -33,7 +33,7 @@ class NamedModule:
     """A module together with its dotted name in the model."""
 
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module = field(repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +64,7 @@ class PermutationSite:
         block = self.block_size
         num_blocks = self.size // block
         block_starts = torch.arange(num_blocks, device=perm.device)[:, None] * block
-        offsets_in_block = perm.view(num_blocks, block) - block_starts
+        offsets_in_block = perm.reshape(num_blocks, block) - block_starts
         per_query_head = offsets_in_block.repeat_interleave(self.query_groups, dim=0)
         query_starts = torch.arange(num_blocks * self.query_groups, device=perm.device)[:, None] * block
         return (per_query_head + query_starts).flatten()
@@ -88,7 +88,7 @@ class PermutationSite:
     def consumers_from_stats(
         self,
         stats: Mapping[torch.nn.Module | str, torch.Tensor],
-        device: torch.device | None = None,
+        device: torch.device | str | None = None,
     ) -> list[Consumer]:
         """The solver's view of this site: one Consumer per consumer module found in `stats`.
 
@@ -98,7 +98,12 @@ class PermutationSite:
         site becomes its own Consumer with the matching diagonal block of the Hessian; the
         off-diagonal blocks between replicas (the correlation between outputs of different query
         heads reading one KV head) are dropped, so the summed objective is a block-diagonal
-        approximation of o_proj's. With MHA, for mlp and residual, nothing is dropped.
+        approximation of o_proj's (and a SparseGPT score inverts each replica's block, not the
+        whole Hessian). With MHA, for mlp and residual, nothing is dropped.
+
+        Weights are read offload-safely onto `device` (default: each module's execution device);
+        the residual site spans every layer, so pass the offload device (e.g. "cpu") there to
+        avoid onloading the whole model at once.
         """
         consumers = []
         for named in self.consumer_modules:
@@ -144,7 +149,7 @@ def find_sites(model: torch.nn.Module, m: int, kinds: Iterable[SiteKind] = SITE_
 
     Order: the residual site first, then per layer attn_vo before mlp (execution order).
     """
-    kinds = tuple(kinds)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = set(kinds) - set(SITE_KINDS)
     if unknown:
         raise ValueError(f"unknown site kinds {sorted(unknown)}; choose from {list(SITE_KINDS)}")
@@ -229,7 +234,7 @@ def _channel_count(named: NamedModule, role: str) -> int:
     if isinstance(module, torch.nn.Linear):
         return module.out_features if role == "producer" else module.in_features
     if role == "norm":
-        return read_parameter(module, "weight").numel()
+        return stored_tensor(module, "weight").numel()
     raise TypeError(f"{named.name} is a {type(module).__name__}; a {role} must be a Linear or Embedding.")
 
 

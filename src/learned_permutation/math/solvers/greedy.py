@@ -1,0 +1,109 @@
+"""Apex-style channel swaps between M-groups, maximising the retained pruning score.
+
+This is the classic baseline: it sees only the (diagonal) retained score, not the Hessian's
+off-diagonal terms. Gains of every candidate swap in a window are computed at once on a row
+sample; each chosen swap is then re-checked on all rows, so the retained score never decreases.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..objectives import SiteProblem, sampled_score_rows
+from .layout import channel_domains, group_windows
+from .retained import group_retained, insertion_values, slot_statistics
+
+
+def solve_greedy(
+    problem: SiteProblem,
+    block_size: int | None = None,
+    *,
+    init: torch.Tensor | None = None,
+    window: int = 256,
+    rows: int | None = 1024,
+    sweeps: int = 3,
+    max_iters: int = 100,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Swap channels between groups while the retained score improves.
+
+    ``window``: channels whose pairwise swaps are scored together (whole groups; groups are
+    reshuffled into new windows every sweep); ``rows``: score rows sampled for the gains;
+    ``sweeps``: passes over all windows (stops early when a sweep changes nothing);
+    ``max_iters``: swap rounds per window.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.arange(problem.channels, device=problem.device) if init is None else init.clone().to(problem.device)
+    scores = sampled_score_rows(problem, rows, generator)
+    domains = channel_domains(problem.channels, block_size)
+    for _ in range(sweeps):
+        changed = False
+        for window_positions in group_windows(domains, problem.m, window, generator):
+            window_positions = window_positions.to(problem.device)
+            for _ in range(max_iters):
+                swapped = _swap_round(problem, scores, perm, window_positions)
+                changed |= swapped
+                if not swapped:
+                    break
+        if not changed or all(len(domain) <= window for domain in domains):
+            break  # converged, or every domain fits one window so another sweep sees the same swaps
+    return perm
+
+
+def _swap_round(problem: SiteProblem, scores: torch.Tensor, perm: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Apply the best disjoint improving swaps of one window in place; False when none improves."""
+    n, m = problem.n, problem.m
+    grouped = scores[:, perm[positions]].reshape(scores.shape[0], -1, m)
+    groups = grouped.shape[1]
+    slot_top, slot_threshold = slot_statistics(grouped, n)
+    values = insertion_values(slot_top.flatten(1), slot_threshold.flatten(1), grouped.flatten(1))
+    current = group_retained(grouped, n).repeat_interleave(m)
+    gain = values + values.T - current[:, None] - current[None, :]
+    group_of = torch.arange(groups * m, device=gain.device) // m
+    gain[group_of[:, None] == group_of[None, :]] = -torch.inf
+    pairs = disjoint_best_pairs(gain, groups, m)
+    if not pairs:
+        return False
+    first = positions[torch.tensor([a for a, _ in pairs], device=positions.device)]
+    second = positions[torch.tensor([b for _, b in pairs], device=positions.device)]
+    candidate = perm.clone()
+    candidate[first], candidate[second] = perm[second], perm[first]
+    improves = _exact_gain(problem, perm, candidate, first, second) > 0
+    if not bool(improves.any()):
+        return False
+    perm[first[improves]], perm[second[improves]] = candidate[first[improves]], candidate[second[improves]]
+    return True
+
+
+def disjoint_best_pairs(gain: torch.Tensor, groups: int, m: int) -> list[tuple[int, int]]:
+    """Greedily pick the best positive swap, block both groups, repeat (at most groups/2 picks)."""
+    per_pair = gain.reshape(groups, m, groups, m).permute(0, 2, 1, 3).reshape(groups, groups, m * m)
+    best, where = per_pair.max(dim=-1)
+    pairs = []
+    for _ in range(groups // 2):
+        flat = int(best.argmax())
+        group_a, group_b = divmod(flat, groups)
+        if not best[group_a, group_b] > 0:
+            break
+        slot_a, slot_b = divmod(int(where[group_a, group_b]), m)
+        pairs.append((group_a * m + slot_a, group_b * m + slot_b))
+        best[[group_a, group_b], :] = -torch.inf
+        best[:, [group_a, group_b]] = -torch.inf
+    return pairs
+
+
+def _exact_gain(
+    problem: SiteProblem, perm: torch.Tensor, candidate: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
+    """Retained-score change of every swap on all rows of all consumers, from the two touched groups."""
+    m = problem.m
+    touched = torch.stack([first // m, second // m], dim=1)  # [swaps, 2] group indices
+    positions = (touched[..., None] * m + torch.arange(m, device=touched.device)).reshape(-1)
+    gain = torch.zeros(first.numel(), dtype=torch.float64, device=perm.device)
+    for consumer in problem.consumers:
+        for rows in consumer.row_chunks():
+            before = consumer.score[rows][:, perm[positions]].reshape(-1, touched.numel(), m)
+            after = consumer.score[rows][:, candidate[positions]].reshape(-1, touched.numel(), m)
+            change = group_retained(after, problem.n) - group_retained(before, problem.n)
+            gain += change.reshape(-1, 2).sum(dim=1).double()
+    return gain

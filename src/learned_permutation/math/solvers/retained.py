@@ -1,0 +1,41 @@
+"""Retained-score bookkeeping shared by the heuristic solvers.
+
+For a group whose slot ``s`` is emptied, the top-N sum after inserting a channel with score ``x``
+is ``T + relu(x - t)``, where ``T`` is the top-N sum of the M-1 remaining channels and ``t`` their
+N-th largest score. That identity turns "value of every channel in every slot" into one broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+def slot_statistics(grouped: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scores ``[rows, groups, M]``: per slot, top-N sum ``T`` and N-th largest ``t`` of the other slots."""
+    m = grouped.shape[-1]
+    others_index = torch.tensor(
+        [[k for k in range(m) if k != slot] for slot in range(m)], device=grouped.device
+    )
+    others = grouped[..., others_index].sort(dim=-1, descending=True).values  # [rows, groups, M, M-1]
+    return others[..., :n].sum(dim=-1), others[..., n - 1]
+
+
+def group_retained(grouped: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-N sum per group, summed over rows: ``[groups]``."""
+    return grouped.topk(n, dim=-1).values.sum(dim=-1).sum(dim=0)
+
+
+def insertion_values(slot_top: torch.Tensor, slot_threshold: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``V[i, c]``: retained score (summed over rows) of slot i's group when channel column c fills slot i.
+
+    ``slot_top``/``slot_threshold``: ``[rows, slots]``; ``candidates``: ``[rows, channels]``.
+    """
+    rows, slots = slot_top.shape
+    values = slot_top.sum(dim=0)[:, None].expand(slots, candidates.shape[1]).clone()
+    step = max(1, CHUNK_ELEMENTS // max(1, slots * candidates.shape[1]))
+    for start in range(0, rows, step):
+        threshold = slot_threshold[start : start + step, :, None]
+        values += (candidates[start : start + step, None, :] - threshold).clamp_min(0).sum(dim=0)
+    return values

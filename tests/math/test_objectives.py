@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_permutation.math import Consumer, nm_mask, reconstruction_error, retained_score, score
+
+
+def test_reconstruction_error_matches_the_outputs_it_describes(make_consumer):
+    consumer, inputs = make_consumer(6, 16, seed=2)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    permuted = consumer.weight[:, perm]
+    pruned = permuted * nm_mask(score("wanda", permuted, act_sq=consumer.act_sq[perm]), 2, 4)
+    lost = (inputs[:, perm] @ (permuted - pruned).T).square().sum()
+    expected = lost / (inputs @ consumer.weight.T).square().sum()
+    assert reconstruction_error([consumer], perm, 2, 4, "wanda") == pytest.approx(float(expected), rel=1e-4)
+
+
+def _group_shuffles(channels: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randperm(channels, generator=generator)
+    inside = base.reshape(-1, m)[:, torch.randperm(m, generator=generator)].reshape(-1)
+    reordered_groups = base.reshape(-1, m)[torch.randperm(channels // m, generator=generator)].reshape(-1)
+    return base, torch.stack([inside, reordered_groups])
+
+
+@pytest.mark.parametrize("objective", [retained_score, reconstruction_error])
+@pytest.mark.parametrize("kind", ["magnitude", "wanda", "ria", "sparsegpt"])
+def test_objectives_ignore_order_inside_groups_and_of_groups(objective, kind, make_consumer):
+    consumers = [make_consumer(5, 24, seed=1)[0], make_consumer(3, 24, seed=4)[0]]
+    base, variants = _group_shuffles(24, 4, seed=7)
+    reference = objective(consumers, base, 2, 4, kind)
+    for variant in variants:
+        assert objective(consumers, variant, 2, 4, kind) == pytest.approx(reference, rel=1e-5)
+
+
+def test_objectives_see_the_permutation(make_consumer):
+    consumer = make_consumer(8, 16, seed=5)[0]
+    values = {reconstruction_error([consumer], torch.randperm(16), 2, 4, "wanda") for _ in range(5)}
+    assert len(values) > 1
+
+
+def test_diagonal_statistics_give_the_diagonal_objective(make_consumer):
+    consumer = make_consumer(4, 8, seed=3)[0]
+    diagonal = Consumer(consumer.weight, act_sq=consumer.act_sq)
+    full_diagonal = Consumer(consumer.weight, hessian=torch.diag(consumer.act_sq))
+    perm = torch.randperm(8)
+    assert reconstruction_error([diagonal], perm, 2, 4, "wanda") == pytest.approx(
+        reconstruction_error([full_diagonal], perm, 2, 4, "wanda"), rel=1e-5
+    )
+
+
+def test_objective_errors(make_consumer):
+    consumer = make_consumer(4, 8)[0]
+    with pytest.raises(ValueError, match="not a permutation"):
+        retained_score([consumer], torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]), 2, 4, "wanda")
+    with pytest.raises(ValueError, match="across blocks"):
+        retained_score([consumer], torch.tensor([4, 1, 2, 3, 0, 5, 6, 7]), 2, 4, "wanda", block_size=4)
+    with pytest.raises(ValueError, match="not divisible by M=8"):
+        retained_score([make_consumer(4, 12)[0]], torch.arange(12), 4, 8, "wanda")
+    with pytest.raises(ValueError, match="disagree"):
+        retained_score([consumer, make_consumer(4, 12)[0]], torch.arange(8), 2, 4, "wanda")
+    with pytest.raises(ValueError, match="needs a hessian or act_sq"):
+        reconstruction_error([Consumer(torch.ones(2, 8))], torch.arange(8), 2, 4, "magnitude")
