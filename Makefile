@@ -11,8 +11,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Two cores shared with other work: more OpenMP threads made small matmuls far slower here.
+export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo install clean-venv verify-export benchmark
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q tests
@@ -21,6 +23,15 @@ demo: $(STAMP)
 	$(VENV_PYTHON) examples/demo.py
 
 install: $(STAMP)
+
+# Opt-in: builds isolated compressed-tensors 0.14.0.1 / vLLM 0.18.1 / vLLM 0.33.0 environments
+# (about 6 minutes the first time) and checks our exports with those packages' own code.
+verify-export: $(STAMP)
+	PROJECT_PYTHON=$(VENV_PYTHON) bash verify/run_all.sh
+
+# Side-by-side benchmark of pruners x permutation methods x patterns on a model dir.
+benchmark: $(STAMP)
+	$(VENV_PYTHON) benchmarks/run.py
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)

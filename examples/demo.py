@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from learned_permutation import REPORT_FILE  # noqa: E402  (also registers the modifier)
 from learned_permutation.integration.compress import compress  # noqa: E402
 from learned_permutation.integration.data import sample_text_dataset  # noqa: E402
 from learned_permutation.integration.evaluation import (  # noqa: E402
@@ -54,12 +55,15 @@ class Method:
     name: str
     recipe: Path | None  # None: the dense model, unchanged
     pipeline: str = "independent"
+    baseline: str | None = None  # the same pruner without permutation: the gap this row closes
 
 
 METHODS = [
     Method("dense", None),
     Method("Wanda 2:4", RECIPES / "wanda_2of4.yaml"),
+    Method("Wanda 2:4 + learned perm", RECIPES / "wanda_2of4_learned.yaml", baseline="Wanda 2:4"),
     Method("SparseGPT 2:4", RECIPES / "sparsegpt_2of4.yaml"),
+    Method("SparseGPT 2:4 + learned perm", RECIPES / "sparsegpt_2of4_learned.yaml", baseline="SparseGPT 2:4"),
 ]
 
 
@@ -70,6 +74,8 @@ class Row:
     kl_to_dense: float = 0.0
     exact_2of4: bool | None = None  # None for the dense model
     seconds: float = 0.0
+    permutation_seconds: float | None = None  # the modifier's own time, from permutation_report.json
+    gap_closed: float | None = None  # share of the baseline-to-dense held-out perplexity gap closed
 
 
 def shared_wikitext() -> Path | None:
@@ -119,18 +125,33 @@ def run_method(method: Method, calibration, tokenizer, dense, sets: EvalSets, ar
         compress(model, tokenizer, str(method.recipe), calibration, args.seq_len, output_dir, method.pipeline)
         model = load_model(output_dir)  # evaluate what was saved, not the in-memory object
     row = evaluate(method, model, dense, tokenizer, sets)
+    if method.recipe is not None and (output_dir / REPORT_FILE).is_file():
+        row.permutation_seconds = json.loads((output_dir / REPORT_FILE).read_text())["total_seconds"]
     row.seconds = time.perf_counter() - start
     return row
 
 
+def fill_gap_closed(rows: list[Row]) -> None:
+    """Share of the pruner's held-out perplexity gap to dense that the permutation closes."""
+    by_name = {row.method: row for row in rows}
+    dense = by_name["dense"].ppl["held-out"]
+    for method, row in zip(METHODS, rows):
+        if method.baseline is not None:
+            base = by_name[method.baseline].ppl["held-out"]
+            row.gap_closed = (base - row.ppl["held-out"]) / (base - dense)
+
+
 def format_table(rows: list[Row]) -> str:
     labels = list(rows[0].ppl)
-    header = ["method", *(f"ppl {label}" for label in labels), "KL to dense", "exact 2:4", "seconds"]
+    header = ["method", *(f"ppl {label}" for label in labels), "KL to dense", "gap closed", "exact 2:4",
+              "perm s", "total s"]
     lines = [header]
     for row in rows:
         exact = "-" if row.exact_2of4 is None else ("yes" if row.exact_2of4 else "NO")
+        gap = "-" if row.gap_closed is None else f"{100 * row.gap_closed:.1f}%"
+        perm = "-" if row.permutation_seconds is None else f"{row.permutation_seconds:.1f}"
         lines.append([row.method, *(f"{row.ppl[label]:.3f}" for label in labels), f"{row.kl_to_dense:.4f}",
-                      exact, f"{row.seconds:.1f}"])
+                      gap, exact, perm, f"{row.seconds:.1f}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows = [run_method(method, calibration, tokenizer, dense, sets, args) for method in METHODS]
+    fill_gap_closed(rows)
 
     print(f"\nstories260K; calibration: {args.num_samples} model samples x {args.seq_len} tokens (seed {args.seed}); "
           f"held-out: {args.held_out_samples} model samples x {EVAL_SEQ_LEN} tokens (seed {HELD_OUT_SEED}); "

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import shared_file
+from shared_helpers import shared_file
 
 from learned_permutation.integration.data import (
     InputError,

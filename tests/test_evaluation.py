@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import shared_file
+from shared_helpers import shared_file
 
 from learned_permutation.integration.data import InputError
 from learned_permutation.integration.lm_eval_tasks import run_lm_eval_wikitext

@@ -26,7 +26,7 @@ from learned_permutation.integration.llama2c import (
     read_llama2c_checkpoint,
 )
 
-from conftest import shared_file
+from shared_helpers import shared_file
 
 SOURCE_CHECKPOINT = "stories260k/stories260K.bin"  # under the shared data directory; tests skip without it
 SOURCE_TOKENIZER = "stories260k/tok512.model"

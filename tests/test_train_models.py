@@ -103,7 +103,10 @@ def test_paused_and_resumed_run_matches_uninterrupted_run(tiny_data, trained):
 
     out = trained / "resumed"
     run(tiny_data, out, "--stop-at-step", "4")
-    assert not (out / "models" / "tiny-gutenberg").exists()
+    stopped = json.loads((out / "models" / "tiny-gutenberg" / "metrics.json").read_text())
+    assert (stopped["steps_done"], stopped["finished"], stopped["stop_reason"]) == (4, False, "stop_at_step")
+    with pytest.raises(ValueError, match="past --stop-at-step"):
+        run(tiny_data, out, "--stop-at-step", "3")
     run(tiny_data, out)
     resumed = load_file(out / "models" / "tiny-gutenberg" / "model.safetensors")
     straight = load_file(trained / "models" / "tiny-gutenberg" / "model.safetensors")

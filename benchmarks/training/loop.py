@@ -131,6 +131,9 @@ def train(
         raise ValueError(f"training stream has {len(train_tokens)} tokens, fewer than --seq-len {cfg.seq_len}")
     optimizer = make_optimizer(model, cfg)
     step, elapsed, history = _load_state(state_path, model, optimizer, cfg)
+    if stop_at_step is not None and step > stop_at_step:
+        raise ValueError(f"saved state {state_path} is already at step {step}, past --stop-at-step {stop_at_step}; "
+                         "pass --fresh to retrain from step 0")
     model.train()
     started = last_save = time.monotonic()
     stop_reason = "max_steps"

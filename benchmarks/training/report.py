@@ -27,7 +27,8 @@ def _shape_text(m: dict) -> str:
 def model_card(m: dict) -> str:
     """README.md of one checkpoint: what it is, how it was trained, what it scores, how to regenerate it."""
     t = m["train_config"]
-    status = "ran to completion" if m["finished"] else f"STOPPED EARLY ({m['stop_reason']})"
+    status = "ran to completion" if m["finished"] else (
+        f"stopped early by {m['stop_reason']}: the learning rate had not finished its decay")
     samples = "\n\n".join(f"```text\n{text}\n```" for text in m["samples"])
     return f"""# {m['name']}
 
