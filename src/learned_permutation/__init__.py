@@ -6,8 +6,9 @@ Importing the package registers ``LearnedPermutationModifier`` with llm-compress
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from learned_permutation.integration.modifier import REPORT_FILE, LearnedPermutationModifier
+from learned_permutation.integration.artifacts import PERMUTATIONS_FILE, REPORT_FILE, fold_saved_permutations
+from learned_permutation.integration.modifier import LearnedPermutationModifier
 
-__all__ = ["LearnedPermutationModifier", "REPORT_FILE"]
+__all__ = ["LearnedPermutationModifier", "PERMUTATIONS_FILE", "REPORT_FILE", "fold_saved_permutations"]
 
 ModifierFactory.register("LearnedPermutationModifier", LearnedPermutationModifier)

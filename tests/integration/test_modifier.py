@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import learned_permutation  # noqa: F401  (registers the modifier)
-from learned_permutation import REPORT_FILE, LearnedPermutationModifier
+from learned_permutation import PERMUTATIONS_FILE, REPORT_FILE, LearnedPermutationModifier, fold_saved_permutations
 from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
@@ -88,6 +88,25 @@ def test_permutation_only_on_embedded_model_preserves_function():
     dense = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32)
     permuted = run_oneshot(EMBEDDED_MODEL_DIR, "recipes/permutation_only_2of4.yaml")
     assert (logits(permuted) - logits(dense)).abs().max() <= 1e-4 * logits(dense).abs().max()
+
+
+
+def test_saved_permutations_put_the_dense_model_in_checkpoint_order(llama_dir, tmp_path):
+    permuted = run_oneshot(llama_dir, LearnedPermutationModifier(mask_structure="2:4", method="greedy"),
+                           output_dir=tmp_path / "out")
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    folded = fold_saved_permutations(dense, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert sorted(folded) == sorted(site["site"] for site in report["sites"])
+    assert "residual" in folded and len(folded) == 1 + 2 * dense.config.num_hidden_layers
+    before, after = weights(permuted), weights(dense)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_folding_saved_permutations_needs_the_files(llama_dir):
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match=PERMUTATIONS_FILE):
+        fold_saved_permutations(dense, llama_dir)
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,7 @@ and fold them into the weights, so the N:M pruner that follows keeps more of wha
 
 from __future__ import annotations
 
-import functools
-import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +21,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import calibration_forward_context
 
+from learned_permutation.integration.artifacts import write_artifacts_on_save
 from learned_permutation.integration.pruner_state import reindex_calibration_state
 from learned_permutation.integration.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.math import (
@@ -34,9 +32,8 @@ from learned_permutation.math import (
 )
 from learned_permutation.structure import PermutationSite, find_sites, fold_permutation, mapping_for
 
-__all__ = ["LearnedPermutationModifier", "REPORT_FILE"]
+__all__ = ["LearnedPermutationModifier"]
 
-REPORT_FILE = "permutation_report.json"
 SITE_KINDS = ("residual", "mlp", "attn_vo")
 PRUNER_SCORES = {"SparseGPTModifier": "sparsegpt", "WandaPruningModifier": "wanda"}
 
@@ -81,6 +78,7 @@ class LearnedPermutationModifier(Modifier):
         - remove hooks
     - on_finalize
         - log a summary; ``model.save_pretrained`` also writes ``permutation_report.json``
+          and ``permutations.safetensors`` (see ``learned_permutation.integration.artifacts``)
 
     :param mask_structure: ``"N:M"`` pattern the pruner will apply; must equal the
         pruner's. Quote it in YAML (unquoted ``2:4`` parses as the number 124).
@@ -124,6 +122,7 @@ class LearnedPermutationModifier(Modifier):
     _pending: list[PermutationSite] = PrivateAttr(default_factory=list)
     _layer_stats: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=True))
     _report: list[dict] = PrivateAttr(default_factory=list)
+    _permutations: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     @field_validator("mask_structure", mode="before")
     @classmethod
@@ -202,7 +201,7 @@ class LearnedPermutationModifier(Modifier):
         if not self.ended_:
             self.on_calibration_end(state, None)
         self._log_summary()
-        _write_report_on_save(state.model, self.report())
+        write_artifacts_on_save(state.model, self.report(), self._permutations)
         return True
 
     # ------------------------------------------------------------------ public
@@ -299,6 +298,7 @@ class LearnedPermutationModifier(Modifier):
         before = reconstruction_error(consumers, identity, **problem)
         after = reconstruction_error(consumers, perm, **problem)
         fold_permutation(model, site, perm)
+        self._permutations[site.name] = perm.detach().cpu()
         self._reindex_other_modifiers(site, perm)
         seconds = time.perf_counter() - start
         self._report.append(
@@ -334,24 +334,3 @@ class LearnedPermutationModifier(Modifier):
             f"{before:.4f} -> {after:.4f}, {total:.1f}s"
         )
 
-
-def _write_report_on_save(model: nn.Module, report: dict):
-    """Make ``model.save_pretrained`` also write the report beside the checkpoint.
-
-    llm-compressor's ``oneshot`` saves after finalize, through the model's (already wrapped)
-    ``save_pretrained``; wrapping it once more is how the report lands next to recipe.yaml.
-    """
-    save = model.save_pretrained
-    if hasattr(save, "permutation_report"):
-        save.permutation_report = report
-        return
-
-    @functools.wraps(save)
-    def save_pretrained(save_directory, *args, **kwargs):
-        result = save(save_directory, *args, **kwargs)
-        path = Path(save_directory) / REPORT_FILE
-        path.write_text(json.dumps(save_pretrained.permutation_report, indent=2) + "\n")
-        return result
-
-    save_pretrained.permutation_report = report
-    model.save_pretrained = save_pretrained
