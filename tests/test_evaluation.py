@@ -14,6 +14,7 @@ from learned_permutation.integration.lm_eval_tasks.wikitext_local import _is_art
 from learned_permutation.integration.evaluation import (
     check_nm_sparsity,
     kl_divergence,
+    layer_reconstruction_errors,
     perplexity,
     text_windows,
     wikitext_eval_text,
@@ -174,3 +175,17 @@ def test_lm_eval_wikitext_task_matches_a_direct_log_likelihood(tiny_llama_dir, t
     assert metrics["word_perplexity"] == pytest.approx(math.exp(total_nll / words), rel=1e-4)
     assert metrics["byte_perplexity"] == pytest.approx(math.exp(total_nll / size), rel=1e-4)
     assert metrics["bits_per_byte"] == pytest.approx(total_nll / size / math.log(2), rel=1e-4)
+
+
+def test_layer_reconstruction_errors_measure_each_linear_on_reference_inputs(tiny_llama):
+    model, tokenizer = tiny_llama
+    compared = copy.deepcopy(model)
+    with torch.no_grad():
+        compared.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # error (1 - 0.5)^2 = 0.25 of the energy
+        compared.model.layers[1].self_attn.o_proj.weight.zero_()  # everything lost: 1.0
+    text = "Once upon a time there was a tiny test model that read a short story. " * 4
+    errors = layer_reconstruction_errors(model, compared, tokenizer, text, seq_len=32, batch_size=2)
+    assert len(errors) == 7 * model.config.num_hidden_layers  # every Linear but lm_head
+    assert errors.pop("model.layers.0.mlp.down_proj") == pytest.approx(0.25, rel=1e-5)
+    assert errors.pop("model.layers.1.self_attn.o_proj") == pytest.approx(1.0, rel=1e-6)
+    assert all(value == 0.0 for value in errors.values())

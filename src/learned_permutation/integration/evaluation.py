@@ -207,3 +207,49 @@ def check_nm_sparsity(
         density = nonzero.float().mean().item()
         reports.append(NMModuleReport(name, (rows, cols), groups, violating, density))
     return NMSparsityReport(n=n, m=m, modules=reports)
+
+
+@torch.no_grad()
+def layer_reconstruction_errors(
+    reference_model: torch.nn.Module,
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    ignore: Iterable[str] = ("re:.*lm_head",),
+) -> dict[str, float]:
+    """Per-Linear output error of ``model``'s weights on the inputs the reference model sees:
+    ``||X (W_ref - W)^T||^2 / ||X W_ref^T||^2`` summed over every token of ``text`` (windowed as above).
+
+    The layer-wise damage a pruner did, without the error it inherits from earlier layers. The
+    reference must be in ``model``'s channel order: fold a checkpoint's saved permutations into the
+    dense model first (`learned_permutation.fold_saved_permutations`). Memory: one extra matmul output
+    per Linear at a time; nothing of size ``in_features ** 2`` is kept.
+    """
+    candidates = dict(match_named_modules(model, ["Linear"], list(ignore)))
+    error: dict[str, float] = dict.fromkeys(candidates, 0.0)
+    energy: dict[str, float] = dict.fromkeys(candidates, 0.0)
+
+    def accumulate(name: str, weight: torch.Tensor):
+        def hook(module, args, _output):
+            inputs = args[0]
+            reference_out = F.linear(inputs, module.weight)
+            error[name] += (reference_out - F.linear(inputs, weight.to(inputs.device))).pow(2).sum().item()
+            energy[name] += reference_out.pow(2).sum().item()
+
+        return hook
+
+    handles = []
+    for name, module in match_named_modules(reference_model, ["Linear"], list(ignore)):
+        if name not in candidates:
+            raise ValueError(f"{name} is in the reference model but not in the compared model")
+        handles.append(module.register_forward_hook(accumulate(name, candidates[name].weight.detach())))
+    try:
+        for input_ids in _batches(text_windows(tokenizer, text, seq_len, max_windows), batch_size):
+            reference_model(input_ids.to(next(reference_model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: error[name] / energy[name] if energy[name] > 0 else 0.0 for name in candidates}
