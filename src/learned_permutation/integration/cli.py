@@ -2,8 +2,9 @@
 
 Each subcommand is a function ``add_<name>_command(subparsers) -> ArgumentParser`` that adds its
 parser and sets ``func`` to a handler ``(args) -> exit code``; `COMMANDS` lists them, so a new
-subcommand is one such function appended there. Handlers import heavy libraries lazily, so bad
-arguments fail in seconds. Input errors print one line ``error: ...`` and exit with status 2.
+subcommand is one such function appended there. Handlers import their heavy modules lazily, but
+importing the package itself loads llm-compressor (that import registers the modifier for recipes),
+so even ``--help`` takes several seconds on a CPU machine. Input errors print one line ``error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
