@@ -8,15 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_SHAPE
 
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+TINY_LLAMA = {key: TINY_SHAPE[key] for key in (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings",
+)}
 
 
 def shared_data_dir() -> Path:

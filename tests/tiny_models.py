@@ -19,7 +19,7 @@ from transformers import (
 
 from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR
 
-_COMMON = dict(
+TINY_SHAPE = dict(
     vocab_size=512,  # the embedded stories260K tokenizer's vocabulary, reused for these models
     hidden_size=64,
     intermediate_size=128,
@@ -32,24 +32,30 @@ _COMMON = dict(
 )
 
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
-    "llama_tied_mha": lambda: LlamaConfig(**{**_COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
-    "mistral": lambda: MistralConfig(**_COMMON, tie_word_embeddings=False, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=True),
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=False),
+    "llama": lambda: LlamaConfig(**TINY_SHAPE, tie_word_embeddings=False),
+    "llama_tied_mha": lambda: LlamaConfig(**{**TINY_SHAPE, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**TINY_SHAPE, tie_word_embeddings=False, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY_SHAPE, tie_word_embeddings=True),
+    "qwen3": lambda: Qwen3Config(**TINY_SHAPE, head_dim=16, tie_word_embeddings=False),
 }
 
 
-def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def random_model(config, seed: int = 0, bias_std: float = 0.1) -> torch.nn.Module:
+    """A random fp32 model for a transformers config, with random norm weights and biases so that
+    folding them is exercised (default init makes norms all ones and biases zero)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
-                param.normal_(0, 0.1)
+                param.normal_(0, bias_std)
     return model.eval()
+
+
+def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    return random_model(TINY_CONFIGS[kind](), seed)
 
 
 def save_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:

@@ -9,7 +9,8 @@ biases are random so their permutation is actually exercised.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from tiny_models import random_model
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from learned_permutation.structure import PermutationSite
 
@@ -41,15 +42,7 @@ def build_model(config) -> torch.nn.Module:
     """A random fp32 model for `config` (a config object or a STRUCTURE_VARIANTS key)."""
     if isinstance(config, str):
         config = STRUCTURE_VARIANTS[config]()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.2)
-    return model.eval()
+    return random_model(config, bias_std=0.2)
 
 
 def random_site_permutation(site: PermutationSite, generator: torch.Generator) -> torch.Tensor:
