@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--wikitext-max-windows", type=int, help="default: the whole file")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="do not train: re-measure a saved checkpoint with the current evaluation code and "
+                        "rewrite its metrics.json, model card and the results table")
     return parser.parse_args(argv)
 
 
@@ -138,6 +141,25 @@ def versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
+def publish(directory: Path, metrics: dict, args: argparse.Namespace) -> None:
+    """metrics.json and the model card in the checkpoint directory, and the table of all models."""
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (directory / "README.md").write_text(model_card(metrics))
+    write_results(args.output_dir, args.results_md)
+
+
+def reevaluate(directory: Path, corpus, args: argparse.Namespace, cfg: TrainConfig) -> int:
+    metrics_path = directory / "metrics.json"
+    if not metrics_path.is_file():
+        raise SystemExit(f"--reevaluate: no trained checkpoint with metrics.json at {directory}")
+    metrics = json.loads(metrics_path.read_text())
+    if metrics["train_config"]["seq_len"] != cfg.seq_len:
+        raise SystemExit(f"--reevaluate: {directory} was trained with --seq-len {metrics['train_config']['seq_len']}")
+    publish(directory, {**metrics, **evaluate_checkpoint(directory, corpus, args, cfg)}, args)
+    logger.info(f"{directory.name}: re-evaluated; val ppl {metrics['val']['perplexity']:.2f} before")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         state_path.unlink()
 
     corpus = prepare_corpus(args.corpus_dir, args.work_dir, args.vocab_size, args.val_books)
+    if args.reevaluate:
+        return reevaluate(args.output_dir / name, corpus, args, cfg)
     model = build_model(preset, len(corpus.tokenizer), cfg.seq_len, corpus.tokenizer, cfg.seed).to(args.device)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info(f"{name}: {parameters:,} parameters, {cfg}")
@@ -184,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "benchmarks/train_models.py", *(sys.argv[1:] if argv is None else argv)]),
         **evaluate_checkpoint(directory, corpus, args, cfg),
     }
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (directory / "README.md").write_text(model_card(metrics))
-    write_results(args.output_dir, args.results_md)
+    publish(directory, metrics, args)
     logger.info(f"{name}: val ppl {metrics['val']['perplexity']:.2f} (unigram {metrics['unigram_val_perplexity']:.1f}), "
                 f"WikiText-2 ppl {metrics['wikitext2']['perplexity']:.2f}; saved to {directory}")
     return 0

@@ -112,3 +112,15 @@ def test_paused_and_resumed_run_matches_uninterrupted_run(tiny_data, trained):
     straight = load_file(trained / "models" / "tiny-gutenberg" / "model.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_reevaluate_remeasures_without_training(tiny_data, trained):
+    path = trained / "models" / "tiny-gutenberg" / "metrics.json"
+    measured = json.loads(path.read_text())
+    weights = (trained / "models" / "tiny-gutenberg" / "model.safetensors").read_bytes()
+    path.write_text(json.dumps({**measured, "val": {**measured["val"], "perplexity": -1.0}}))
+    run(tiny_data, trained, "--reevaluate")
+    again = json.loads(path.read_text())
+    assert again["val"] == measured["val"] and again["history"] == measured["history"]
+    assert (trained / "models" / "tiny-gutenberg" / "model.safetensors").read_bytes() == weights
+    assert "-1.00" not in (trained / "models.md").read_text()
