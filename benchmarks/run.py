@@ -213,6 +213,17 @@ def plot_layer_errors(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def source_revision() -> str:
+    """The commit the code ran from, marked ``+changes`` when the working tree differs from it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
+
+
 def write_markdown(results: list[Result], setup: Setup, args, seconds: float, path: Path) -> None:
     lm_rows = [r for r in results if r.lm_eval]
     lm_table = "\n".join(
@@ -229,7 +240,7 @@ def write_markdown(results: list[Result], setup: Setup, args, seconds: float, pa
 
 Written by `benchmarks/run.py`; do not edit by hand. {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC,
 {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; whole run
-{seconds / 60:.1f} min. Command: `{command.strip()}`.
+{seconds / 60:.1f} min. Command: `{command.strip()}` at commit `{source_revision()}`.
 
 Model: `{setup.model_dir.relative_to(REPO) if setup.model_dir.is_relative_to(REPO) else setup.model_dir}`.
 {setup.description}. Token perplexity in windows of {setup.eval_seq_len} tokens ([BOS] + {setup.eval_seq_len - 1}
@@ -277,7 +288,7 @@ def main(argv=None) -> int:
     print(f"\n{setup.name}: {setup.description}")
     print(results_table(results))
     (out / "results.json").write_text(json.dumps(
-        {"model": setup.name, "setup": setup.description, "seconds": seconds,
+        {"model": setup.name, "setup": setup.description, "seconds": seconds, "commit": source_revision(),
          "results": [r.to_json() for r in results]}, indent=2) + "\n")
     write_markdown(results, setup, args, seconds, out / "results.md")
     plot_perplexity(results, out / "perplexity.png")
