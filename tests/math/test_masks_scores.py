@@ -82,3 +82,9 @@ def test_consumer_rejects_bad_statistics():
         Consumer(torch.ones(2, 4), act_sq=torch.ones(3))
     with pytest.raises(ValueError, match="2-D"):
         Consumer(torch.ones(4))
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_keeps_exactly_n_even_with_ties(n, m):
+    mask = nm_mask(torch.ones(3, 2 * m), n, m)
+    assert (mask.reshape(3, 2, m).sum(-1) == n).all()

@@ -26,12 +26,13 @@ def _group_shuffles(channels: int, m: int, seed: int) -> tuple[torch.Tensor, tor
 
 @pytest.mark.parametrize("objective", [retained_score, reconstruction_error])
 @pytest.mark.parametrize("kind", ["magnitude", "wanda", "ria", "sparsegpt"])
-def test_objectives_ignore_order_inside_groups_and_of_groups(objective, kind, make_consumer):
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_objectives_ignore_order_inside_groups_and_of_groups(objective, kind, n, m, make_consumer):
     consumers = [make_consumer(5, 24, seed=1)[0], make_consumer(3, 24, seed=4)[0]]
-    base, variants = _group_shuffles(24, 4, seed=7)
-    reference = objective(consumers, base, 2, 4, kind)
+    base, variants = _group_shuffles(24, m, seed=7)
+    reference = objective(consumers, base, n, m, kind)
     for variant in variants:
-        assert objective(consumers, variant, 2, 4, kind) == pytest.approx(reference, rel=1e-5)
+        assert objective(consumers, variant, n, m, kind) == pytest.approx(reference, rel=1e-5)
 
 
 def test_objectives_see_the_permutation(make_consumer):
@@ -62,3 +63,16 @@ def test_objective_errors(make_consumer):
         retained_score([consumer, make_consumer(4, 12)[0]], torch.arange(8), 2, 4, "wanda")
     with pytest.raises(ValueError, match="needs a hessian or act_sq"):
         reconstruction_error([Consumer(torch.ones(2, 8))], torch.arange(8), 2, 4, "magnitude")
+
+
+@pytest.mark.parametrize("objective", [retained_score, reconstruction_error])
+def test_objectives_ignore_group_order_inside_blocks(objective, make_consumer):
+    consumers = [make_consumer(5, 24, seed=6)[0]]
+    generator = torch.Generator().manual_seed(9)
+    base = torch.cat([torch.randperm(8, generator=generator) + offset for offset in (0, 8, 16)])
+    grouped = base.reshape(3, 2, 4)  # blocks of 8 channels hold two 4-groups
+    swapped_groups = grouped.flip(1).reshape(-1)
+    shuffled_slots = grouped[..., torch.randperm(4, generator=generator)].reshape(-1)
+    reference = objective(consumers, base, 2, 4, "wanda", block_size=8)
+    for variant in (swapped_groups, shuffled_slots):
+        assert objective(consumers, variant, 2, 4, "wanda", block_size=8) == pytest.approx(reference, rel=1e-5)

@@ -14,6 +14,7 @@ import torch
 from .masks import check_divisible, check_nm, nm_mask
 from .permutations import check_permutation
 from .scores import score as pruning_score
+from .threads import dense_threads
 
 CHUNK_ELEMENTS = 1 << 22  # rows per chunk = CHUNK_ELEMENTS // channels (16 MiB of fp32 per buffer)
 
@@ -147,10 +148,11 @@ class SiteProblem:
     def reconstruction_error(self, perm: torch.Tensor) -> float:
         self._require_statistics()
         lost = 0.0
-        for consumer in self.consumers:
-            for rows in consumer.row_chunks():
-                delta = consumer.pruned_part(rows, perm, self.n, self.m)
-                lost += float(quadratic_form(delta, consumer.hessian, consumer.act_sq))
+        with dense_threads():
+            for consumer in self.consumers:
+                for rows in consumer.row_chunks():
+                    delta = consumer.pruned_part(rows, perm, self.n, self.m)
+                    lost += float(quadratic_form(delta, consumer.hessian, consumer.act_sq))
         return lost / max(sum(consumer.output_energy for consumer in self.consumers), 1e-30)
 
     def _require_statistics(self) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from ..objectives import Consumer, SiteProblem
 from ..permutations import check_block_size, check_permutation
+from ..threads import solver_threads
 from .greedy import solve_greedy
 from .heuristics import solve_identity, solve_ria
 from .learned import solve_learned
@@ -26,7 +27,8 @@ def solve_permutation(
     """Permutation ``p`` of the site's channels (``W_new = W[:, p]``) chosen by ``method``.
 
     With ``block_size`` every channel stays in its block of ``block_size`` contiguous channels.
-    ``knobs`` go to the solver (see each ``solve_*`` for their meaning).
+    ``knobs`` go to the solver (see each ``solve_*`` for their meaning). On CPU the solver runs on
+    one thread except for its large dense products (see ``learned_permutation.math.threads``).
     """
     if method not in SOLVERS:
         raise ValueError(f"unknown permutation method {method!r}; choose one of {list(SOLVERS)}")
@@ -35,6 +37,7 @@ def solve_permutation(
         check_block_size(problem.channels, block_size)
         if block_size % m:
             raise ValueError(f"block_size {block_size} must be a multiple of M={m} so blocks hold whole groups")
-    perm = SOLVERS[method](problem, block_size, **knobs)
+    with solver_threads():
+        perm = SOLVERS[method](problem, block_size, **knobs)
     check_permutation(perm, problem.channels, block_size)
     return perm

@@ -3,6 +3,8 @@
 This is the classic baseline: it sees only the (diagonal) retained score, not the Hessian's
 off-diagonal terms. Gains of every candidate swap in a window are computed at once on a row
 sample; each chosen swap is then re-checked on all rows, so the retained score never decreases.
+The re-check reads channel-major scores and a cached top-N sum per group, so it touches only the
+two groups of each swap.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from ..objectives import SiteProblem, sampled_score_rows
 from .layout import channel_domains, group_windows
-from .retained import group_retained, insertion_values, slot_statistics
+from .retained import CHUNK_ELEMENTS, group_retained, insertion_values, slot_statistics
 
 
 def solve_greedy(
@@ -35,13 +37,14 @@ def solve_greedy(
     generator = torch.Generator().manual_seed(seed)
     perm = torch.arange(problem.channels, device=problem.device) if init is None else init.clone().to(problem.device)
     scores = sampled_score_rows(problem, rows, generator)
+    retained = GroupRetained(problem, perm)
     domains = channel_domains(problem.channels, block_size)
     for _ in range(sweeps):
         changed = False
         for window_positions in group_windows(domains, problem.m, window, generator):
             window_positions = window_positions.to(problem.device)
             for _ in range(max_iters):
-                swapped = _swap_round(problem, scores, perm, window_positions)
+                swapped = _swap_round(problem, scores, retained, perm, window_positions)
                 changed |= swapped
                 if not swapped:
                     break
@@ -50,7 +53,9 @@ def solve_greedy(
     return perm
 
 
-def _swap_round(problem: SiteProblem, scores: torch.Tensor, perm: torch.Tensor, positions: torch.Tensor) -> bool:
+def _swap_round(
+    problem: SiteProblem, scores: torch.Tensor, retained: GroupRetained, perm: torch.Tensor, positions: torch.Tensor
+) -> bool:
     """Apply the best disjoint improving swaps of one window in place; False when none improves."""
     n, m = problem.n, problem.m
     grouped = scores[:, perm[positions]].reshape(scores.shape[0], -1, m)
@@ -68,10 +73,13 @@ def _swap_round(problem: SiteProblem, scores: torch.Tensor, perm: torch.Tensor, 
     second = positions[torch.tensor([b for _, b in pairs], device=positions.device)]
     candidate = perm.clone()
     candidate[first], candidate[second] = perm[second], perm[first]
-    improves = _exact_gain(problem, perm, candidate, first, second) > 0
+    touched = torch.stack([first // m, second // m], dim=1)  # [swaps, 2] group indices
+    after = retained.of_groups(candidate.reshape(-1, m)[touched.reshape(-1)]).reshape(-1, 2)
+    improves = (after - retained.values[touched]).sum(dim=1) > 0
     if not bool(improves.any()):
         return False
     perm[first[improves]], perm[second[improves]] = candidate[first[improves]], candidate[second[improves]]
+    retained.values[touched[improves]] = after[improves]
     return True
 
 
@@ -92,18 +100,21 @@ def disjoint_best_pairs(gain: torch.Tensor, groups: int, m: int) -> list[tuple[i
     return pairs
 
 
-def _exact_gain(
-    problem: SiteProblem, perm: torch.Tensor, candidate: torch.Tensor, first: torch.Tensor, second: torch.Tensor
-) -> torch.Tensor:
-    """Retained-score change of every swap on all rows of all consumers, from the two touched groups."""
-    m = problem.m
-    touched = torch.stack([first // m, second // m], dim=1)  # [swaps, 2] group indices
-    positions = (touched[..., None] * m + torch.arange(m, device=touched.device)).reshape(-1)
-    gain = torch.zeros(first.numel(), dtype=torch.float64, device=perm.device)
-    for consumer in problem.consumers:
-        for rows in consumer.row_chunks():
-            before = consumer.score[rows][:, perm[positions]].reshape(-1, touched.numel(), m)
-            after = consumer.score[rows][:, candidate[positions]].reshape(-1, touched.numel(), m)
-            change = group_retained(after, problem.n) - group_retained(before, problem.n)
-            gain += change.reshape(-1, 2).sum(dim=1).double()
-    return gain
+class GroupRetained:
+    """Top-N score sum of every M-group over all rows of all consumers, kept current under swaps."""
+
+    def __init__(self, problem: SiteProblem, perm: torch.Tensor) -> None:
+        self.n, self.m = problem.n, problem.m
+        self.columns = [consumer.score.T.contiguous() for consumer in problem.consumers]  # [channels, rows]
+        self.values = self.of_groups(perm.reshape(-1, self.m))
+
+    def of_groups(self, members: torch.Tensor) -> torch.Tensor:
+        """``[groups]`` float64 retained score of groups given by their channels ``[groups, M]``."""
+        total = torch.zeros(members.shape[0], dtype=torch.float64, device=members.device)
+        for columns in self.columns:
+            step = max(1, CHUNK_ELEMENTS // (self.m * columns.shape[1]))
+            for start in range(0, members.shape[0], step):
+                part = members[start : start + step]
+                grouped = columns[part.reshape(-1)].reshape(*part.shape, -1)  # [groups, M, rows]
+                total[start : start + step] += grouped.topk(self.n, dim=1, sorted=False).values.sum(dim=(1, 2)).double()
+        return total

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-SEGMENT_CHUNK_ELEMENTS = 1 << 23
+SEGMENT_CHUNK_ELEMENTS = 1 << 20  # gathered [segments, rows, pairs, 2M] elements per chunk: cache-sized
 
 
 def swap_candidates(size: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,32 +39,30 @@ def swap_gains(
 ) -> torch.Tensor:
     """Objective decrease ``[S, pairs]`` of every candidate swap, for data in the current local order.
 
-    ``weight``/``score``/``cross``: ``[rows, S, b]``; ``hessian``: ``[S, b, b]`` or ``act_sq`` ``[S, b]``.
+    ``weight``/``score``/``cross``: ``[S, rows, b]``; ``hessian``: ``[S, b, b]`` or ``act_sq`` ``[S, 1, b]``.
     """
-    rows, segments, size = weight.shape
-    kept = _kept(score, n, m)
+    segments, rows, _ = weight.shape
+    kept = kept_mask(score, n, m)
     pruned = weight * (1 - kept)
-    if hessian is None:
-        gradient = pruned * act_sq + cross
-    else:
-        gradient = torch.einsum("rsi,sij->rsj", pruned, hessian) + cross
+    gradient = (pruned * act_sq if hessian is None else torch.bmm(pruned, hessian)) + cross
     step = max(1, SEGMENT_CHUNK_ELEMENTS // max(1, rows * touched.numel()))
     gains = []
     for start in range(0, segments, step):
         part = slice(start, start + step)
-        new_kept = _kept(score[:, part][:, :, touched].flatten(-2), n, m).reshape(*score[:, part].shape[:2], *touched.shape)
-        change = weight[:, part][:, :, touched] * (kept[:, part][:, :, touched] - new_kept)
-        linear = 2 * (change * gradient[:, part][:, :, touched]).sum(dim=(0, 3))
+        new_kept = kept_mask(score[part][:, :, touched], n, m)  # [s, rows, pairs, 2M]
+        change = weight[part][:, :, touched] * (kept[part][:, :, touched] - new_kept)
+        linear = 2 * (change * gradient[part][:, :, touched]).sum(dim=(1, 3))
         if hessian is None:
-            quadratic = (change.square() * act_sq[part][:, touched]).sum(dim=(0, 3))
+            quadratic = (change.square() * act_sq[part][:, :, touched]).sum(dim=(1, 3))
         else:
-            block = hessian[part][:, touched[:, :, None], touched[:, None, :]]
-            quadratic = torch.einsum("rspi,spij,rspj->sp", change, block, change)
+            block = hessian[part][:, touched[:, :, None], touched[:, None, :]]  # [s, pairs, 2M, 2M]
+            quadratic = torch.einsum("srpi,spij,srpj->sp", change, block, change)
         gains.append(-(linear + quadratic))
     return torch.cat(gains)
 
 
-def _kept(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def kept_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The pruner's top-n of every m consecutive entries of the last dim, as 0/1 floats."""
     grouped = scores.reshape(*scores.shape[:-1], -1, m)
     kept = torch.zeros_like(grouped).scatter_(-1, grouped.topk(n, dim=-1).indices, 1.0)
     return kept.reshape(scores.shape)
