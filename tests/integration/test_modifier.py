@@ -134,6 +134,22 @@ def test_pruned_checkpoint_reloads_exact_nm_and_leaves_embeddings_to_the_permuta
     assert report["sites"] and all(s["objective_after"] <= s["objective_before"] + 1e-9 for s in report["sites"])
 
 
+def test_learned_keeps_the_residual_candidate_with_the_lowest_simulated_loss(llama_dir, tmp_path):
+    recipe = [
+        LearnedPermutationModifier(mask_structure="2:4", method="learned", restarts=2),
+        WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
+    ]
+    run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    residual = next(site for site in report["sites"] if site["kind"] == "residual")
+    losses = residual["candidate_calibration_losses"]
+    assert sorted(losses) == [
+        "greedy (seed 0)", "greedy (seed 1)", "identity", "learned (seed 0)", "learned (seed 1)", "ria"
+    ]
+    assert residual["chosen_candidate"] == min(losses, key=losses.get)
+    assert all("chosen_candidate" not in site for site in report["sites"] if site["kind"] != "residual")
+
+
 def test_yaml_recipe_and_python_objects_give_the_same_model(llama_dir, tmp_path):
     mods = [
         LearnedPermutationModifier(mask_structure="2:4", method="greedy"),

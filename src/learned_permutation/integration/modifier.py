@@ -8,7 +8,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.utils import match_targets
+from compressed_tensors.utils import match_named_modules, match_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
@@ -23,6 +23,7 @@ from llmcompressor.utils.helpers import calibration_forward_context
 
 from learned_permutation.integration.artifacts import write_artifacts_on_save
 from learned_permutation.integration.pruner_state import reindex_calibration_state
+from learned_permutation.integration.selection import SimulatedPruning, packed_batches
 from learned_permutation.integration.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.math import (
     SCORE_KINDS,
@@ -68,8 +69,11 @@ class LearnedPermutationModifier(Modifier):
         - discover the permutation sites (residual, per-layer mlp and attn_vo)
     - on_calibration_start
         - residual site: one forward pass over the calibration data gathers the input
-          energy of every q/k/v/gate/up, then its permutation is learned and folded
-          (before any pruner has seen an activation)
+          energy of every targeted Linear, then its permutation is solved and folded
+          (before any pruner has seen an activation). With ``method: learned`` the
+          candidates (identity, ria, ``restarts`` greedy and learned solves) are ranked by
+          the calibration loss of the model pruned as the pruner would prune it, one forward
+          pass each, and the best is kept (see ``learned_permutation.integration.selection``)
         - register hooks that accumulate ``X^T X`` at each down_proj / o_proj input
     - on_sequential_epoch_end
         - for each layer just calibrated: learn the mlp and attn_vo permutations, fold
@@ -98,6 +102,9 @@ class LearnedPermutationModifier(Modifier):
         (``["re:.*lm_head"]`` without one: the head is almost never pruned).
     :param solver_args: extra keyword arguments for the solver (see
         ``learned_permutation.math.solve_permutation``), e.g. ``{steps: 200}``.
+    :param restarts: ``method: learned`` only: greedy and learned solves of the residual site
+        with seeds ``seed``, ``seed + 1``, ... that compete with identity and ria for the lowest
+        simulated-pruning calibration loss (0: identity and ria only).
     :param seed: seed for every random choice of the solvers.
     """
 
@@ -110,6 +117,7 @@ class LearnedPermutationModifier(Modifier):
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
+    restarts: int = Field(default=2, ge=0)
     seed: int = 0
 
     _n: int = PrivateAttr()
@@ -274,17 +282,53 @@ class LearnedPermutationModifier(Modifier):
     # ------------------------------------------------------------------ learning
 
     def _learn_residual(self, state: State):
-        modules = self._objective_modules(self._residual)
+        site = self._residual
+        readers = self._objective_modules(site)
+        pruned = readers
+        if self.method == "learned":
+            pruned = [module for _, module in match_named_modules(state.model, self._targets, self._ignore)]
         stats = InputStatistics(full=False)
-        handles = {self.register_hook(m, stats.hook, "forward") for m in modules}
+        handles = {self.register_hook(m, stats.hook, "forward") for m in pruned}
         device = get_main_device()
         with calibration_forward_context(state.model), HooksMixin.disable_hooks(keep=handles):
             for batch in tqdm(state.data.calib, desc="Residual statistics"):
                 state.model(**{k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
         self.remove_hooks(handles)
-        self._learn_site(state.model, self._residual, stats.pop(modules))
+        act_sq = stats.pop(pruned)
+        reader_stats = {module: act_sq[module] for module in readers if module in act_sq}
+        if self.method != "learned":
+            self._learn_site(state.model, site, reader_stats)
+            return
+        simulation = SimulatedPruning(self, act_sq, readers, self._score_kind, self._n, self._m)
+        batches = packed_batches(state.data.calib)
+        self._learn_site(state.model, site, reader_stats, choose=lambda candidates: self._choose_residual(
+            state.model, simulation, batches, candidates))
 
-    def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict):
+    def _residual_candidates(self, consumers: list, problem: dict) -> dict[str, torch.Tensor]:
+        candidates = {
+            "identity": torch.arange(self._residual.size),
+            "ria": solve_permutation(consumers, method="ria", **problem),
+        }
+        for seed in range(self.seed, self.seed + self.restarts):
+            candidates[f"greedy (seed {seed})"] = solve_permutation(consumers, method="greedy", seed=seed, **problem)
+            candidates[f"learned (seed {seed})"] = solve_permutation(
+                consumers, method="learned", seed=seed, **problem, **self.solver_args
+            )
+        return candidates
+
+    def _choose_residual(self, model: nn.Module, simulation: SimulatedPruning, batches: list, candidates: dict):
+        """The label of the candidate with the lowest simulated-pruning calibration loss, and all losses."""
+        losses = {label: simulation.loss(model, batches, perm, label) for label, perm in candidates.items()}
+        chosen = min(losses, key=losses.get)
+        logger.info(
+            "residual candidates, simulated-pruning calibration loss: "
+            + ", ".join(f"{label} {loss:.4f}" for label, loss in losses.items())
+            + f"; kept {chosen}"
+        )
+        return chosen, losses
+
+    def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict, choose=None):
+        """Solve, fold and report one site. ``choose`` (residual, learned) picks among candidates."""
         check_finite_statistics(stats, self._names)
         if not stats:
             logger.warning(f"{site.name}: no targeted consumer saw calibration data; left as is")
@@ -292,8 +336,15 @@ class LearnedPermutationModifier(Modifier):
         start = time.perf_counter()
         consumers = site.consumers_from_stats(stats)
         problem = dict(n=self._n, m=self._m, score_kind=self._score_kind, block_size=site.block_size)
+        selection = {}
         with torch.enable_grad():
-            perm = solve_permutation(consumers, method=self.method, seed=self.seed, **problem, **self.solver_args)
+            if choose is None:
+                perm = solve_permutation(consumers, method=self.method, seed=self.seed, **problem, **self.solver_args)
+            else:
+                candidates = self._residual_candidates(consumers, problem)
+                chosen, losses = choose(candidates)
+                perm = candidates[chosen]
+                selection = {"chosen_candidate": chosen, "candidate_calibration_losses": losses}
         identity = torch.arange(site.size)
         before = reconstruction_error(consumers, identity, **problem)
         after = reconstruction_error(consumers, perm, **problem)
@@ -309,6 +360,7 @@ class LearnedPermutationModifier(Modifier):
                 "consumers": [self._names[m] for m in stats],
                 "objective_before": before,
                 "objective_after": after,
+                **selection,
                 "seconds": round(seconds, 3),
             }
         )
