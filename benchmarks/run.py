@@ -9,8 +9,13 @@ rows (dense, and each pruner at 2:4 without and with learned permutations). A pa
 cannot take (4:8 when an input dimension is not a multiple of 8) is listed as skipped, with the reason.
 
 Writes ``<output-dir>/<model>/results.md``, ``results.json``, ``perplexity.png`` and ``layer_errors.png``.
+With ``--repeats K`` the whole grid runs again for calibration seeds ``seed+1 .. seed+K-1`` (same held-out
+text), and a table of mean and spread over the K calibration sets is added: on small models the choice
+of permutation moves perplexity by more than the methods differ, so one calibration set is not enough to
+rank them.
 
     python benchmarks/run.py                          # the embedded stories260K model
+    python benchmarks/run.py --repeats 3              # ... over three calibration sets
     python benchmarks/run.py --model llama-2m-gutenberg
     python benchmarks/run.py --model path/to/checkpoint --calibration text.txt --held-out val.txt
 """
@@ -52,6 +57,7 @@ from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR  # noqa: 
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from repeats import seed_summary, seed_summary_table  # noqa: E402
 from training.corpus import load_books, split_books  # noqa: E402
 
 HEADLINE = {("none", "2:4"), ("learned", "2:4")}
@@ -73,39 +79,40 @@ class Setup:
     description: str
 
 
-def model_samples_setup(name: str, model_dir: Path, args) -> Setup:
-    """In-domain text sampled from the dense model itself: calibration with --seed, held-out with another."""
+def model_samples_setup(name: str, model_dir: Path, args, seed: int) -> Setup:
+    """In-domain text sampled from the dense model itself: calibration with ``seed``, held-out with
+    --seed + 1000 (the same for every repeat)."""
     dense, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
     context = dense.config.max_position_embeddings
-    calibration = sample_text_dataset(dense, tokenizer, args.num_samples, args.seq_len, seed=args.seed,
+    calibration = sample_text_dataset(dense, tokenizer, args.num_samples, args.seq_len, seed=seed,
                                       batch_size=args.num_samples)
     held_out = sample_text_dataset(dense, tokenizer, args.held_out_samples, context, seed=args.seed + 1000,
                                    batch_size=args.held_out_samples)
     return Setup(name, model_dir, calibration, "\n".join(held_out["text"]), context,
                  f"calibration: {args.num_samples} samples of {args.seq_len} tokens drawn from the dense model "
-                 f"(seed {args.seed}); held-out: {args.held_out_samples} samples of {context} tokens "
+                 f"(seed {seed}); held-out: {args.held_out_samples} samples of {context} tokens "
                  f"(seed {args.seed + 1000})")
 
 
-def gutenberg_setup(name: str, model_dir: Path, args) -> Setup:
+def gutenberg_setup(name: str, model_dir: Path, args, seed: int) -> Setup:
     """The training script's book split: calibration paragraphs from training books, held-out = the
     validation books the model never saw (the first --held-out-chars characters of them)."""
     metrics = json.loads((model_dir / "metrics.json").read_text())
     train_books, val_books = split_books(load_books(shared_data_dir() / "corpus"), metrics["val_books"])
     paragraphs = split_paragraphs("\n\n".join(train_books[:20]), min_chars=2000)
-    rows = Dataset.from_dict({"text": paragraphs}).shuffle(seed=args.seed).select(range(args.num_samples))
+    rows = Dataset.from_dict({"text": paragraphs}).shuffle(seed=seed).select(range(args.num_samples))
     held_out = "\n\n".join(val_books)[: args.held_out_chars]
     context = load_model(model_dir).config.max_position_embeddings
     return Setup(name, model_dir, rows, held_out, context,
                  f"calibration: {args.num_samples} paragraphs (~2000 chars, truncated to {args.seq_len} tokens) of "
-                 f"training books (seed {args.seed}); held-out: first {args.held_out_chars:,} characters of the "
+                 f"training books (seed {seed}); held-out: first {args.held_out_chars:,} characters of the "
                  f"{metrics['val_books']} validation books")
 
 
-def custom_setup(model_dir: Path, args) -> Setup:
+def custom_setup(model_dir: Path, args, seed: int) -> Setup:
     if args.calibration is None or args.held_out is None:
         raise SystemExit("a model directory needs --calibration (text or parquet file) and --held-out (text file)")
-    rows = file_dataset(args.calibration).shuffle(seed=args.seed)
+    rows = file_dataset(args.calibration).shuffle(seed=seed)
     if len(rows) < args.num_samples:
         raise SystemExit(f"{args.calibration} has {len(rows)} rows, fewer than --num-samples {args.num_samples}")
     context = load_model(model_dir).config.max_position_embeddings
@@ -114,12 +121,13 @@ def custom_setup(model_dir: Path, args) -> Setup:
                  f"calibration: {args.num_samples} rows of {args.calibration}; held-out: {args.held_out}")
 
 
-def build_setup(args) -> Setup:
+def build_setup(args, seed: int) -> Setup:
+    """The model and its texts; ``seed`` picks the calibration rows."""
     if args.model == "embedded":
-        return model_samples_setup("stories260k", EMBEDDED_MODEL_DIR, args)
+        return model_samples_setup("stories260k", EMBEDDED_MODEL_DIR, args, seed)
     if args.model == "llama-2m-gutenberg":
-        return gutenberg_setup(args.model, REPO / "models" / args.model, args)
-    return custom_setup(Path(args.model), args)
+        return gutenberg_setup(args.model, REPO / "models" / args.model, args, seed)
+    return custom_setup(Path(args.model), args, seed)
 
 
 def parse_args(argv):
@@ -142,7 +150,9 @@ def parse_args(argv):
                         help="rows that also get lm-eval's wikitext word perplexity (whole validation file)")
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "benchmarks")
     parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "outputs" / "benchmarks")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed of the main table")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the grid for this many calibration seeds (--seed, --seed+1, ...) and add mean/spread")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -224,7 +234,7 @@ def source_revision() -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
 
 
-def write_markdown(results: list[Result], setup: Setup, args, seconds: float, path: Path) -> None:
+def write_markdown(results: list[Result], setup: Setup, args, seconds: float, path: Path, summary: list[dict]) -> None:
     lm_rows = [r for r in results if r.lm_eval]
     lm_table = "\n".join(
         [
@@ -235,6 +245,11 @@ def write_markdown(results: list[Result], setup: Setup, args, seconds: float, pa
         ]
     )
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    repeated = (
+        f"\n\nOver {args.repeats} calibration sets (seeds {args.seed} to {args.seed + args.repeats - 1}; the table "
+        f"above is seed {args.seed}), same held-out text; mean ± standard deviation:\n\n{seed_summary_table(summary)}"
+        if summary else ""
+    )
     path.write_text(
         f"""# Benchmark: {setup.name}
 
@@ -251,7 +266,7 @@ unpermuted perplexity gap to dense that the permutation closes. *layer err*: mea
 {args.layer_error_windows} windows), dense weights in the checkpoint's channel order. *perm s*: the
 permutation modifier's own time; *oneshot s*: the whole `oneshot` call (calibration passes, modifiers, save).
 
-{results_table(results, markdown=True)}
+{results_table(results, markdown=True)}{repeated}
 
 lm-eval `wikitext` (offline task `wikitext_local`, whole validation file, word perplexity as lm-eval
 defines it):
@@ -264,33 +279,49 @@ the same pruner without permutation).
     )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    setup = build_setup(args)
-    wikitext = shared_data_dir() / "wikitext2" / "wiki.valid.raw"
+def run_grid(args, seed: int, wikitext: Path) -> tuple[Setup, list[Result]]:
+    """Every variant on the calibration set of ``seed``; lm-eval only for the main seed."""
+    setup = build_setup(args, seed)
     extra = {"wikitext2": wikitext_eval_text(wikitext)} if wikitext.is_file() else {}
     texts = EvalTexts(setup.held_out, extra, {"wikitext2": args.wikitext_windows or None})
     comparison = Comparison(setup.model_dir, setup.calibration, args.seq_len, texts,
-                            args.checkpoint_dir / setup.name, setup.eval_seq_len, seed=args.seed,
+                            args.checkpoint_dir / setup.name, setup.eval_seq_len, seed=seed,
                             layer_error_windows=args.layer_error_windows)
     results = []
     for variant in variant_grid(args.pruners, args.methods, args.patterns):
-        logger.info(f"benchmark: {variant.name}")
-        lm_eval_file = wikitext if wikitext.is_file() and wants_lm_eval(variant, args.lm_eval) else None
-        results.append(comparison.run(variant, lm_eval_file))
+        logger.info(f"benchmark (calibration seed {seed}): {variant.name}")
+        lm_eval = wikitext.is_file() and seed == args.seed and wants_lm_eval(variant, args.lm_eval)
+        results.append(comparison.run(variant, wikitext if lm_eval else None))
     fill_gap_closed(results)
+    return setup, results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    wikitext = shared_data_dir() / "wikitext2" / "wiki.valid.raw"
+    setup, results = run_grid(args, args.seed, wikitext)
+    repeats = {args.seed: results}
+    for seed in range(args.seed + 1, args.seed + args.repeats):
+        repeats[seed] = run_grid(args, seed, wikitext)[1]
+    summary = seed_summary(repeats) if args.repeats > 1 else []
     seconds = time.perf_counter() - started
 
     out = args.output_dir / setup.name
     out.mkdir(parents=True, exist_ok=True)
     print(f"\n{setup.name}: {setup.description}")
     print(results_table(results))
+    if summary:
+        print(f"\nover calibration seeds {list(repeats)}:\n" + seed_summary_table(summary))
     (out / "results.json").write_text(json.dumps(
         {"model": setup.name, "setup": setup.description, "seconds": seconds, "commit": source_revision(),
-         "results": [r.to_json() for r in results]}, indent=2) + "\n")
-    write_markdown(results, setup, args, seconds, out / "results.md")
+         "results": [r.to_json() for r in results],
+         "repeats": {str(seed): [r.to_json() for r in rows] for seed, rows in repeats.items()} if summary else {},
+         "seed_summary": summary}, indent=2) + "\n")
+    write_markdown(results, setup, args, seconds, out / "results.md", summary)
     plot_perplexity(results, out / "perplexity.png")
     plot_layer_errors(results, out / "layer_errors.png")
     print(f"\nwrote {out}/results.md, results.json, perplexity.png, layer_errors.png; total {seconds / 60:.1f} min")

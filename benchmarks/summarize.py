@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from repeats import seed_summary_table
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "benchmarks"
 PAGE = REPO / "docs" / "results.md"
@@ -51,6 +53,11 @@ def model_table(data: dict) -> str:
         )
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{r['name']} ({r['skipped']})" for r in skipped) + "."]
+    if data.get("seed_summary"):
+        seeds = data["seed_summary"][0]["seeds"]
+        lines += ["", f"Over {len(seeds)} calibration sets (seeds {', '.join(map(str, seeds))}; the table above is "
+                  f"seed {seeds[0]}), same held-out text, mean ± standard deviation:", "",
+                  seed_summary_table(data["seed_summary"])]
     return "\n".join(lines)
 
 
