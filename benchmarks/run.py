@@ -202,6 +202,7 @@ def plot_layer_errors(results: list[Result], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     baselines = {(r.pruner, r.pattern): per_layer(r.layer_errors) for r in results
                  if r.method == "none" and r.layer_errors}
@@ -216,6 +217,7 @@ def plot_layer_errors(results: list[Result], path: Path) -> None:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(f"{PRUNER_LABELS[group[0]]} {group[1]}")
         ax.set_xlabel("decoder layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(title="permutation")
     axes[0][0].set_ylabel("layer error reduction vs no permutation (%)")
     fig.tight_layout()

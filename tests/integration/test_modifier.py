@@ -150,6 +150,17 @@ def test_learned_keeps_the_residual_candidate_with_the_lowest_simulated_loss(lla
     assert all("chosen_candidate" not in site for site in report["sites"] if site["kind"] != "residual")
 
 
+def test_non_finite_simulated_loss_is_refused(llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # the head is not pruned: statistics stay finite, logits do not
+    model.save_pretrained(tmp_path / "nan_head")
+    for path in llama_dir.glob("tokenizer*"):
+        shutil.copy(path, tmp_path / "nan_head")
+    with pytest.raises(ValueError, match="calibration loss is not finite"):
+        run_oneshot(tmp_path / "nan_head", LearnedPermutationModifier(mask_structure="2:4", method="learned"))
+
+
 def test_yaml_recipe_and_python_objects_give_the_same_model(llama_dir, tmp_path):
     mods = [
         LearnedPermutationModifier(mask_structure="2:4", method="greedy"),

@@ -4,6 +4,7 @@ and fold them into the weights, so the N:M pruner that follows keeps more of wha
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -286,7 +287,11 @@ class LearnedPermutationModifier(Modifier):
         readers = self._objective_modules(site)
         pruned = readers
         if self.method == "learned":
-            pruned = [module for _, module in match_named_modules(state.model, self._targets, self._ignore)]
+            pruned = [
+                module
+                for _, module in match_named_modules(state.model, self._targets, self._ignore)
+                if isinstance(module, nn.Linear)
+            ]
         stats = InputStatistics(full=False)
         handles = {self.register_hook(m, stats.hook, "forward") for m in pruned}
         device = get_main_device()
@@ -299,6 +304,7 @@ class LearnedPermutationModifier(Modifier):
         if self.method != "learned":
             self._learn_site(state.model, site, reader_stats)
             return
+        check_finite_statistics(act_sq, self._names)
         simulation = SimulatedPruning(self, act_sq, readers, self._score_kind, self._n, self._m)
         batches = packed_batches(state.data.calib)
         self._learn_site(state.model, site, reader_stats, choose=lambda candidates: self._choose_residual(
@@ -319,6 +325,11 @@ class LearnedPermutationModifier(Modifier):
     def _choose_residual(self, model: nn.Module, simulation: SimulatedPruning, batches: list, candidates: dict):
         """The label of the candidate with the lowest simulated-pruning calibration loss, and all losses."""
         losses = {label: simulation.loss(model, batches, perm, label) for label, perm in candidates.items()}
+        if not all(math.isfinite(loss) for loss in losses.values()):
+            raise ValueError(
+                f"the simulated-pruning calibration loss is not finite ({losses}): the model produces NaN or "
+                "inf logits on the calibration data; check its dtype (float32 or bfloat16, not float16)."
+            )
         chosen = min(losses, key=losses.get)
         logger.info(
             "residual candidates, simulated-pruning calibration loss: "
