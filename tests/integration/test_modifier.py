@@ -134,20 +134,20 @@ def test_pruned_checkpoint_reloads_exact_nm_and_leaves_embeddings_to_the_permuta
     assert report["sites"] and all(s["objective_after"] <= s["objective_before"] + 1e-9 for s in report["sites"])
 
 
-def test_learned_keeps_the_residual_candidate_with_the_lowest_simulated_loss(llama_dir, tmp_path):
+def test_learned_keeps_the_candidate_with_the_lowest_simulated_loss(llama_dir, tmp_path):
     recipe = [
         LearnedPermutationModifier(mask_structure="2:4", method="learned", restarts=2),
         WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
     ]
     run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")
-    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
-    residual = next(site for site in report["sites"] if site["kind"] == "residual")
-    losses = residual["candidate_calibration_losses"]
-    assert sorted(losses) == [
-        "greedy (seed 0)", "greedy (seed 1)", "identity", "learned (seed 0)", "learned (seed 1)", "ria"
-    ]
-    assert residual["chosen_candidate"] == min(losses, key=losses.get)
-    assert all("chosen_candidate" not in site for site in report["sites"] if site["kind"] != "residual")
+    sites = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["sites"]
+    residual_labels = {"identity", "ria", "greedy (seed 0)", "greedy (seed 1)", "learned (seed 0)", "learned (seed 1)"}
+    for site in sites:
+        losses = site["candidate_calibration_losses"]
+        allowed = residual_labels if site["kind"] == "residual" else residual_labels - {"greedy (seed 1)", "learned (seed 1)"}
+        assert "identity" in losses and set(losses) <= allowed, site["site"]
+        assert site["chosen_candidate"] == min(losses, key=losses.get)
+    assert {site["kind"] for site in sites} == {"residual", "mlp", "attn_vo"}
 
 
 def test_non_finite_simulated_loss_is_refused(llama_dir, tmp_path):

@@ -96,7 +96,7 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind):
     perm = torch.randperm(residual.size, generator=torch.Generator().manual_seed(3))
     dense_loss = next_token_loss(model, data)
 
-    simulated = SimulatedPruning(Hooks(), act_sq, readers, "wanda", N, M).loss(model, data, perm, "random")
+    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).loss(model, data, dict.fromkeys(readers, perm), "random")
 
     folded = copy.deepcopy(model)
     fold_permutation(folded, find_sites(folded, M, kinds=("residual",))[0], perm)
@@ -113,7 +113,7 @@ def test_simulated_loss_depends_on_the_permutation():
     act_sq = input_energy(model, data)
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
-    simulation = SimulatedPruning(Hooks(), act_sq, readers, "wanda", N, M)
-    identity = simulation.loss(model, data, torch.arange(residual.size), "identity")
-    shuffled = simulation.loss(model, data, torch.randperm(residual.size), "shuffled")
+    simulation = SimulatedPruning(Hooks(), act_sq, "wanda", N, M)
+    identity = simulation.loss(model, data, {}, "identity")
+    shuffled = simulation.loss(model, data, dict.fromkeys(readers, torch.randperm(residual.size)), "shuffled")
     assert identity != pytest.approx(shuffled, rel=1e-6)

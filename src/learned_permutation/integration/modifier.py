@@ -130,6 +130,10 @@ class LearnedPermutationModifier(Modifier):
     _residual: PermutationSite | None = PrivateAttr(default=None)
     _pending: list[PermutationSite] = PrivateAttr(default_factory=list)
     _layer_stats: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=True))
+    _energy: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=False))
+    _pruned: list[nn.Linear] = PrivateAttr(default_factory=list)
+    _batches: list[dict] = PrivateAttr(default_factory=list)
+    _layers_path: str = PrivateAttr(default="")
     _report: list[dict] = PrivateAttr(default_factory=list)
     _permutations: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
@@ -164,7 +168,7 @@ class LearnedPermutationModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        mapping_for(model)  # unsupported architectures fail here, by name
+        self._layers_path = mapping_for(model).decoder_layers  # unsupported architectures fail here, by name
         self._n, self._m = parse_mask_structure(self.mask_structure)
         pruner = self._following_pruner()
         self._score_kind = self._resolve_score(pruner)
@@ -185,20 +189,34 @@ class LearnedPermutationModifier(Modifier):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self.method == "learned":
+            self._pruned = [
+                module
+                for _, module in match_named_modules(state.model, self._targets, self._ignore)
+                if isinstance(module, nn.Linear)
+            ]
+            self._batches = packed_batches(state.data.calib)
         if self._residual is not None:
             self._learn_residual(state)
         for site in self._pending:
             for module in self._objective_modules(site):
                 self.register_hook(module, self._layer_stats.hook, "forward")
+        for module in self._pruned:  # input energy of every pruned Linear, for the simulated pruner
+            self.register_hook(module, self._energy.hook, "forward")
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         calibrated = set(kwargs.get("modules", ()))
         for site in [s for s in self._pending if any(c.module in calibrated for c in s.consumer_modules)]:
-            self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)))
+            choose = None
+            if self.method == "learned":
+                choose = self._chooser(state.model, site, self._layer_energy(site), self._batches[:1])
+            self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)), choose)
             self._pending.remove(site)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
+        self._energy.pop(list(self._energy.sums))
+        self._batches = []
         if self._pending:
             raise RuntimeError(
                 "LearnedPermutationModifier: no calibration statistics reached "
@@ -283,63 +301,74 @@ class LearnedPermutationModifier(Modifier):
     # ------------------------------------------------------------------ learning
 
     def _learn_residual(self, state: State):
+        """Statistics from one forward pass, then solve; with ``learned``, choose among candidates
+        by the calibration loss of the model pruned in simulation."""
         site = self._residual
         readers = self._objective_modules(site)
-        pruned = readers
-        if self.method == "learned":
-            pruned = [
-                module
-                for _, module in match_named_modules(state.model, self._targets, self._ignore)
-                if isinstance(module, nn.Linear)
-            ]
+        observed = list(dict.fromkeys(readers + self._pruned))
         stats = InputStatistics(full=False)
-        handles = {self.register_hook(m, stats.hook, "forward") for m in pruned}
+        handles = {self.register_hook(m, stats.hook, "forward") for m in observed}
         device = get_main_device()
         with calibration_forward_context(state.model), HooksMixin.disable_hooks(keep=handles):
             for batch in tqdm(state.data.calib, desc="Residual statistics"):
                 state.model(**{k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
         self.remove_hooks(handles)
-        act_sq = stats.pop(pruned)
-        reader_stats = {module: act_sq[module] for module in readers if module in act_sq}
-        if self.method != "learned":
-            self._learn_site(state.model, site, reader_stats)
-            return
-        check_finite_statistics(act_sq, self._names)
-        simulation = SimulatedPruning(self, act_sq, readers, self._score_kind, self._n, self._m)
-        batches = packed_batches(state.data.calib)
-        self._learn_site(state.model, site, reader_stats, choose=lambda candidates: self._choose_residual(
-            state.model, simulation, batches, candidates))
+        act_sq = stats.pop(observed)
+        choose = None
+        if self.method == "learned":
+            choose = self._chooser(state.model, site, {m: act_sq[m] for m in self._pruned if m in act_sq}, self._batches)
+        self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose)
 
-    def _residual_candidates(self, consumers: list, problem: dict) -> dict[str, torch.Tensor]:
-        candidates = {
-            "identity": torch.arange(self._residual.size),
-            "ria": solve_permutation(consumers, method="ria", **problem),
-        }
-        for seed in range(self.seed, self.seed + self.restarts):
+    def _layer_energy(self, site: PermutationSite) -> dict[nn.Linear, torch.Tensor]:
+        """Input energy of the pruned Linears of the site's decoder layer (the ones this epoch calibrated)."""
+        prefix = f"{self._layers_path}.{site.layer_index}."
+        return {m: v for m, v in self._energy.sums.items() if self._names[m].startswith(prefix)}
+
+    def _chooser(self, model: nn.Module, site: PermutationSite, act_sq: dict, batches: list):
+        """``choose(candidates)`` for ``_learn_site``: the candidate whose simulated pruning of the
+        Linears in ``act_sq`` gives the lowest loss on ``batches``."""
+        check_finite_statistics(act_sq, self._names)
+        simulation = SimulatedPruning(self, act_sq, self._score_kind, self._n, self._m)
+        consumers = [named.module for named in site.consumer_modules if named.module in act_sq]
+
+        def choose(candidates: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
+            losses = {}
+            for label, perm in candidates.items():
+                orders = dict.fromkeys(consumers, site.consumer_column_index(perm))
+                losses[label] = simulation.loss(model, batches, orders, f"{site.name}: {label}")
+            if not all(math.isfinite(loss) for loss in losses.values()):
+                raise ValueError(
+                    f"{site.name}: the simulated-pruning calibration loss is not finite ({losses}): the model "
+                    "produces NaN or inf logits on the calibration data; check its dtype (float32 or "
+                    "bfloat16, not float16)."
+                )
+            chosen = min(losses, key=losses.get)
+            logger.info(
+                f"{site.name} candidates, simulated-pruning calibration loss: "
+                + ", ".join(f"{label} {loss:.4f}" for label, loss in losses.items())
+                + f"; kept {chosen}"
+            )
+            return chosen, losses
+
+        return choose
+
+    def _candidates(self, site: PermutationSite, consumers: list, problem: dict) -> dict[str, torch.Tensor]:
+        """Identity, ria, and greedy and learned solves (``restarts`` seeds for the residual site,
+        one per-layer); a permutation found twice is kept once, under its first label."""
+        candidates = {"identity": torch.arange(site.size), "ria": solve_permutation(consumers, method="ria", **problem)}
+        for seed in range(self.seed, self.seed + (self.restarts if site.kind == "residual" else 1)):
             candidates[f"greedy (seed {seed})"] = solve_permutation(consumers, method="greedy", seed=seed, **problem)
             candidates[f"learned (seed {seed})"] = solve_permutation(
                 consumers, method="learned", seed=seed, **problem, **self.solver_args
             )
-        return candidates
-
-    def _choose_residual(self, model: nn.Module, simulation: SimulatedPruning, batches: list, candidates: dict):
-        """The label of the candidate with the lowest simulated-pruning calibration loss, and all losses."""
-        losses = {label: simulation.loss(model, batches, perm, label) for label, perm in candidates.items()}
-        if not all(math.isfinite(loss) for loss in losses.values()):
-            raise ValueError(
-                f"the simulated-pruning calibration loss is not finite ({losses}): the model produces NaN or "
-                "inf logits on the calibration data; check its dtype (float32 or bfloat16, not float16)."
-            )
-        chosen = min(losses, key=losses.get)
-        logger.info(
-            "residual candidates, simulated-pruning calibration loss: "
-            + ", ".join(f"{label} {loss:.4f}" for label, loss in losses.items())
-            + f"; kept {chosen}"
-        )
-        return chosen, losses
+        unique = {}
+        for label, perm in candidates.items():
+            if not any(torch.equal(perm.cpu(), kept.cpu()) for kept in unique.values()):
+                unique[label] = perm
+        return unique
 
     def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict, choose=None):
-        """Solve, fold and report one site. ``choose`` (residual, learned) picks among candidates."""
+        """Solve, fold and report one site; ``choose`` (method learned) picks among candidates."""
         check_finite_statistics(stats, self._names)
         if not stats:
             logger.warning(f"{site.name}: no targeted consumer saw calibration data; left as is")
@@ -352,7 +381,7 @@ class LearnedPermutationModifier(Modifier):
             if choose is None:
                 perm = solve_permutation(consumers, method=self.method, seed=self.seed, **problem, **self.solver_args)
             else:
-                candidates = self._residual_candidates(consumers, problem)
+                candidates = self._candidates(site, consumers, problem)
                 chosen, losses = choose(candidates)
                 perm = candidates[chosen]
                 selection = {"chosen_candidate": chosen, "candidate_calibration_losses": losses}
@@ -360,6 +389,9 @@ class LearnedPermutationModifier(Modifier):
         before = reconstruction_error(consumers, identity, **problem)
         after = reconstruction_error(consumers, perm, **problem)
         fold_permutation(model, site, perm)
+        columns = site.consumer_column_index(perm)
+        for named in site.consumer_modules:
+            self._energy.permute_inputs(named.module, columns)
         self._permutations[site.name] = perm.detach().cpu()
         self._reindex_other_modifiers(site, perm)
         seconds = time.perf_counter() - start

@@ -33,42 +33,35 @@ TOKENS_PER_BATCH = 8192  # bounds the logits: 8192 x 128k vocabulary x 4 bytes =
 
 
 class SimulatedPruning:
-    """Forward hooks that make targeted Linears compute with their N:M-pruned weights.
+    """Forward hooks that make Linears compute with their N:M-pruned weights, in a candidate's order.
 
-    ``act_sq`` maps every targeted Linear to its input energy (what the score needs);
-    ``residual_readers`` are the Linears whose input columns follow the residual permutation.
+    ``act_sq`` maps every Linear to simulate to its input energy (what the score needs). A candidate
+    is a column order per Linear whose input a permutation would re-order (``column_orders``: the
+    pruner's mask is taken on ``W[:, order]`` and scattered back); the others are masked as stored.
     """
 
-    def __init__(
-        self,
-        hooks: HooksMixin,
-        act_sq: dict[nn.Linear, torch.Tensor],
-        residual_readers: Iterable[nn.Module],
-        score_kind: str,
-        n: int,
-        m: int,
-    ):
+    def __init__(self, hooks: HooksMixin, act_sq: dict[nn.Linear, torch.Tensor], score_kind: str, n: int, m: int):
         self.hooks, self.act_sq, self.score_kind, self.n, self.m = hooks, act_sq, score_kind, n, m
-        self.residual_readers = set(residual_readers)
-        self.perm: torch.Tensor | None = None
+        self.column_orders: dict[nn.Module, torch.Tensor] = {}
 
-    def loss(self, model: nn.Module, batches: Iterable[dict], perm: torch.Tensor, label: str) -> float:
-        """Calibration loss of ``model`` pruned as if the residual channels were in order ``perm``."""
-        self.perm = perm
+    def loss(self, model: nn.Module, batches: Iterable[dict], column_orders: dict, label: str) -> float:
+        """Calibration loss of ``model`` with the simulated Linears pruned in ``column_orders``."""
+        self.column_orders = column_orders
         handles = {self.hooks.register_hook(module, self._pruned_forward, "forward") for module in self.act_sq}
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                return next_token_loss(model, tqdm(batches, desc=f"Residual candidate {label}", leave=False))
+                return next_token_loss(model, tqdm(batches, desc=f"Candidate {label}", leave=False))
         finally:
             self.hooks.remove_hooks(handles)
 
     def _pruned_forward(self, module: nn.Linear, args: tuple, _output) -> torch.Tensor:
         weight = module.weight
         scores = pruning_score(self.score_kind, weight, act_sq=self.act_sq[module].to(weight.device))
-        if module in self.residual_readers:
-            keep = mask_in_original_order(scores, self.perm.to(weight.device), self.n, self.m)
-        else:
+        order = self.column_orders.get(module)
+        if order is None:
             keep = nm_mask(scores, self.n, self.m)
+        else:
+            keep = mask_in_original_order(scores, order.to(weight.device), self.n, self.m)
         return F.linear(args[0], weight * keep, module.bias)
 
 
@@ -108,19 +101,22 @@ def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
 def next_token_loss(model: nn.Module, batches: Iterable[dict]) -> float:
     """Mean next-token cross-entropy over the non-padded tokens of ``batches``.
 
-    Runs with the KV cache off and the model in eval mode but, unlike llm-compressor's calibration
-    context, with the lm_head enabled: the loss needs the logits.
+    Runs the decoder and applies the output embedding itself, with the KV cache off and the model in
+    eval mode: inside llm-compressor's calibration the lm_head's forward is patched to return meta
+    tensors, and the loss needs the logits.
     """
     device = get_main_device()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     total, count = 0.0, 0
     with disable_cache(model), eval_context(model):
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch.get("attention_mask")
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
             valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-            total += float(F.cross_entropy(logits[valid].float(), input_ids[:, 1:][valid], reduction="sum"))
+            logits = F.linear(hidden[valid], head.weight, head.bias).float()
+            total += float(F.cross_entropy(logits, input_ids[:, 1:][valid], reduction="sum"))
             count += int(valid.sum())
     if count == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")

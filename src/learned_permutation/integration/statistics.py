@@ -40,6 +40,13 @@ class InputStatistics:
         """Forward hook: the first positional argument is the Linear's input."""
         self.accumulate(module, args[0])
 
+    def permute_inputs(self, module: nn.Module, index: torch.Tensor) -> None:
+        """Follow a fold that re-ordered ``module``'s input columns to ``index`` (no-op if unseen)."""
+        if module in self.sums:
+            stat = self.sums[module]
+            index = index.to(stat.device)
+            self.sums[module] = stat[index][:, index] if self.full else stat[index]
+
     def pop(self, modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
         """Hand over (and forget) the statistics of ``modules`` that were seen."""
         taken = {}
