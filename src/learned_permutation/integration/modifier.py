@@ -71,14 +71,17 @@ class LearnedPermutationModifier(Modifier):
     - on_calibration_start
         - residual site: one forward pass over the calibration data gathers the input
           energy of every targeted Linear, then its permutation is solved and folded
-          (before any pruner has seen an activation). With ``method: learned`` the
-          candidates (identity, ria, ``restarts`` greedy and learned solves) are ranked by
-          the calibration loss of the model pruned as the pruner would prune it, one forward
-          pass each, and the best is kept (see ``learned_permutation.integration.selection``)
-        - register hooks that accumulate ``X^T X`` at each down_proj / o_proj input
+          (before any pruner has seen an activation)
+        - register hooks that accumulate ``X^T X`` at each down_proj / o_proj input (and,
+          for ``learned``, the input energy of every targeted Linear)
     - on_sequential_epoch_end
-        - for each layer just calibrated: learn the mlp and attn_vo permutations, fold
+        - for each layer just calibrated: solve the mlp and attn_vo permutations, fold
           them, and re-index statistics that a pruner in the same pass already holds
+    - with ``method: learned`` each site's candidates (identity, ria, greedy, learned;
+      ``restarts`` seeds of the last two for the residual site) are ranked by the
+      calibration loss of the model with the site's Linears pruned in simulation (all
+      targeted Linears for the residual site, the layer's own for the others), one forward
+      pass per candidate, and the best is folded (``learned_permutation.integration.selection``)
     - on_calibration_end
         - remove hooks
     - on_finalize
@@ -87,8 +90,8 @@ class LearnedPermutationModifier(Modifier):
 
     :param mask_structure: ``"N:M"`` pattern the pruner will apply; must equal the
         pruner's. Quote it in YAML (unquoted ``2:4`` parses as the number 124).
-    :param method: solver: ``learned`` (Sinkhorn-relaxed permutation learning, started from
-        and never worse than the best heuristic), ``greedy`` (channel swaps between groups),
+    :param method: solver: ``learned`` (Sinkhorn-relaxed permutation learning on the layer-wise
+        objective, then the end-to-end choice described above), ``greedy`` (channel swaps between groups),
         ``ria`` (RIA's heuristic) or ``identity`` (no permutation; a control).
     :param sites: which permutation sites to learn: any of ``residual`` (one permutation
         of the hidden dimension for the whole model), ``mlp`` (per-layer intermediate
@@ -103,9 +106,8 @@ class LearnedPermutationModifier(Modifier):
         (``["re:.*lm_head"]`` without one: the head is almost never pruned).
     :param solver_args: extra keyword arguments for the solver (see
         ``learned_permutation.math.solve_permutation``), e.g. ``{steps: 200}``.
-    :param restarts: ``method: learned`` only: greedy and learned solves of the residual site
-        with seeds ``seed``, ``seed + 1``, ... that compete with identity and ria for the lowest
-        simulated-pruning calibration loss (0: identity and ria only).
+    :param restarts: ``method: learned`` only: seeds (``seed``, ``seed + 1``, ...) of the greedy
+        and learned residual-site candidates (0: identity and ria only); per-layer sites try one.
     :param seed: seed for every random choice of the solvers.
     """
 
@@ -133,7 +135,6 @@ class LearnedPermutationModifier(Modifier):
     _energy: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=False))
     _pruned: list[nn.Linear] = PrivateAttr(default_factory=list)
     _batches: list[dict] = PrivateAttr(default_factory=list)
-    _layers_path: str = PrivateAttr(default="")
     _report: list[dict] = PrivateAttr(default_factory=list)
     _permutations: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
@@ -168,7 +169,7 @@ class LearnedPermutationModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        self._layers_path = mapping_for(model).decoder_layers  # unsupported architectures fail here, by name
+        mapping_for(model)  # unsupported architectures fail here, by name
         self._n, self._m = parse_mask_structure(self.mask_structure)
         pruner = self._following_pruner()
         self._score_kind = self._resolve_score(pruner)
@@ -209,7 +210,7 @@ class LearnedPermutationModifier(Modifier):
         for site in [s for s in self._pending if any(c.module in calibrated for c in s.consumer_modules)]:
             choose = None
             if self.method == "learned":
-                choose = self._chooser(state.model, site, self._layer_energy(site), self._batches[:1])
+                choose = self._chooser(state.model, site, self._calibrated_energy(), self._batches[:1])
             self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)), choose)
             self._pending.remove(site)
 
@@ -319,10 +320,9 @@ class LearnedPermutationModifier(Modifier):
             choose = self._chooser(state.model, site, {m: act_sq[m] for m in self._pruned if m in act_sq}, self._batches)
         self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose)
 
-    def _layer_energy(self, site: PermutationSite) -> dict[nn.Linear, torch.Tensor]:
-        """Input energy of the pruned Linears of the site's decoder layer (the ones this epoch calibrated)."""
-        prefix = f"{self._layers_path}.{site.layer_index}."
-        return {m: v for m, v in self._energy.sums.items() if self._names[m].startswith(prefix)}
+    def _calibrated_energy(self) -> dict[nn.Linear, torch.Tensor]:
+        """Input energy of the pruned Linears calibrated so far: this layer's and the ones before it."""
+        return dict(self._energy.sums)
 
     def _chooser(self, model: nn.Module, site: PermutationSite, act_sq: dict, batches: list):
         """``choose(candidates)`` for ``_learn_site``: the candidate whose simulated pruning of the

@@ -1,13 +1,14 @@
-"""End-to-end choice of the residual permutation among candidates.
+"""End-to-end choice of a site's permutation among candidates.
 
-The residual permutation is shared by every q/k/v/gate/up projection of the model, and on real
-models the summed layer-wise objective ranks its candidates poorly: permutations whose objectives
-differ by a fraction of a percent give pruned models whose perplexities differ by tens of percent
-(``docs/results.md``). So the modifier ranks candidates by what it cares about instead: the
-next-token loss, on the calibration data, of the whole model with every targeted Linear masked the
-way the pruner would mask it (its score's N:M mask in the candidate's channel order, no weight
-update). Masks are computed per call from the weight and the input energy, so memory stays one
-layer's mask; each candidate costs one forward pass over the calibration data.
+On the models we measured, the layer-wise objective ranks permutations poorly: candidates whose
+objectives differ by a fraction of a percent give pruned models whose perplexities differ by tens of
+percent (``docs/results.md``), while the calibration loss of the pruned model ranks them as the
+held-out loss does. So ``method: learned`` ranks each site's candidates by that loss: the model with
+the Linears a site affects masked the way the pruner would mask them (its score's N:M mask in the
+candidate's channel order, no weight update). Masks are computed per call from the weight and the
+input energy, so memory stays one layer's mask; each candidate costs one forward pass over the
+calibration batches, packed to about ``TOKENS_PER_BATCH`` tokens each (llm-compressor hands the
+calibration set over one sample at a time, which makes a small model's passes overhead-bound).
 """
 
 from __future__ import annotations
