@@ -120,7 +120,7 @@ class LearnedPermutationModifier(Modifier):
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
-    restarts: int = Field(default=2, ge=0)
+    restarts: int = Field(default=1, ge=0)
     seed: int = 0
 
     _n: int = PrivateAttr()
@@ -304,6 +304,7 @@ class LearnedPermutationModifier(Modifier):
     def _learn_residual(self, state: State):
         """Statistics from one forward pass, then solve; with ``learned``, choose among candidates
         by the calibration loss of the model pruned in simulation."""
+        start = time.perf_counter()
         site = self._residual
         readers = self._objective_modules(site)
         observed = list(dict.fromkeys(readers + self._pruned))
@@ -318,7 +319,7 @@ class LearnedPermutationModifier(Modifier):
         choose = None
         if self.method == "learned":
             choose = self._chooser(state.model, site, {m: act_sq[m] for m in self._pruned if m in act_sq}, self._batches)
-        self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose)
+        self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose, start)
 
     def _calibrated_energy(self) -> dict[nn.Linear, torch.Tensor]:
         """Input energy of the pruned Linears calibrated so far: this layer's and the ones before it."""
@@ -367,13 +368,14 @@ class LearnedPermutationModifier(Modifier):
                 unique[label] = perm
         return unique
 
-    def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict, choose=None):
-        """Solve, fold and report one site; ``choose`` (method learned) picks among candidates."""
+    def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict, choose=None, start=None):
+        """Solve, fold and report one site; ``choose`` (method learned) picks among candidates.
+        ``start``: when the site's work began, if before this call (the residual's statistics pass)."""
+        start = time.perf_counter() if start is None else start
         check_finite_statistics(stats, self._names)
         if not stats:
             logger.warning(f"{site.name}: no targeted consumer saw calibration data; left as is")
             return
-        start = time.perf_counter()
         consumers = site.consumers_from_stats(stats)
         problem = dict(n=self._n, m=self._m, score_kind=self._score_kind, block_size=site.block_size)
         selection = {}
