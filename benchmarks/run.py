@@ -236,7 +236,9 @@ def source_revision() -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
 
 
-def write_markdown(results: list[Result], setup: Setup, args, seconds: float, path: Path, summary: list[dict]) -> None:
+def write_markdown(
+    results: list[Result], setup: Setup, args, seconds: float, path: Path, summary: list[dict], revision: str
+) -> None:
     lm_rows = [r for r in results if r.lm_eval]
     lm_table = "\n".join(
         [
@@ -257,7 +259,7 @@ def write_markdown(results: list[Result], setup: Setup, args, seconds: float, pa
 
 Written by `benchmarks/run.py`; do not edit by hand. {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC,
 {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; whole run
-{seconds / 60:.1f} min. Command: `{command.strip()}` at commit `{source_revision()}`.
+{seconds / 60:.1f} min. Command: `{command.strip()}` at commit `{revision}`.
 
 Model: `{setup.model_dir.relative_to(REPO) if setup.model_dir.is_relative_to(REPO) else setup.model_dir}`.
 {setup.description}. Token perplexity in windows of {setup.eval_seq_len} tokens ([BOS] + {setup.eval_seq_len - 1}
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, revision = time.perf_counter(), source_revision()  # the code that runs, not what HEAD is at the end
     wikitext = shared_data_dir() / "wikitext2" / "wiki.valid.raw"
     setup, results = run_grid(args, args.seed, wikitext)
     repeats = {args.seed: results}
@@ -319,11 +321,11 @@ def main(argv=None) -> int:
     if summary:
         print(f"\nover calibration seeds {list(repeats)}:\n" + seed_summary_table(summary))
     (out / "results.json").write_text(json.dumps(
-        {"model": setup.name, "setup": setup.description, "seconds": seconds, "commit": source_revision(),
+        {"model": setup.name, "setup": setup.description, "seconds": seconds, "commit": revision,
          "results": [r.to_json() for r in results],
          "repeats": {str(seed): [r.to_json() for r in rows] for seed, rows in repeats.items()} if summary else {},
          "seed_summary": summary}, indent=2) + "\n")
-    write_markdown(results, setup, args, seconds, out / "results.md", summary)
+    write_markdown(results, setup, args, seconds, out / "results.md", summary, revision)
     plot_perplexity(results, out / "perplexity.png")
     plot_layer_errors(results, out / "layer_errors.png")
     print(f"\nwrote {out}/results.md, results.json, perplexity.png, layer_errors.png; total {seconds / 60:.1f} min")

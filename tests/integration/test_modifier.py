@@ -150,6 +150,13 @@ def test_learned_keeps_the_candidate_with_the_lowest_simulated_loss(llama_dir, t
     assert {site["kind"] for site in sites} == {"residual", "mlp", "attn_vo"}
 
 
+def test_learned_without_end_to_end_choice_reports_no_candidates(llama_dir, tmp_path):
+    run_oneshot(llama_dir, LearnedPermutationModifier(mask_structure="2:4", method="learned", end_to_end=False),
+                output_dir=tmp_path / "out")
+    sites = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["sites"]
+    assert sites and not any("chosen_candidate" in site for site in sites)
+
+
 def test_non_finite_simulated_loss_is_refused(llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     with torch.no_grad():

@@ -77,7 +77,7 @@ class LearnedPermutationModifier(Modifier):
     - on_sequential_epoch_end
         - for each layer just calibrated: solve the mlp and attn_vo permutations, fold
           them, and re-index statistics that a pruner in the same pass already holds
-    - with ``method: learned`` each site's candidates (identity, ria, greedy, learned;
+    - with ``method: learned`` (and ``end_to_end``) each site's candidates (identity, ria, greedy, learned;
       ``restarts`` seeds of the last two for the residual site) are ranked by the
       calibration loss of the model with the site's Linears pruned in simulation (all
       targeted Linears for the residual site, the layer's own for the others), one forward
@@ -108,6 +108,10 @@ class LearnedPermutationModifier(Modifier):
         ``learned_permutation.math.solve_permutation``), e.g. ``{steps: 200}``.
     :param restarts: ``method: learned`` only: seeds (``seed``, ``seed + 1``, ...) of the greedy
         and learned residual-site candidates (0: identity and ria only); per-layer sites try one.
+    :param end_to_end: ``method: learned`` only: choose each site among candidates by the
+        simulated-pruning calibration loss (default). ``false`` keeps the learned solver's
+        layer-wise result: no extra forward passes, but on the models in ``docs/results.md``
+        its end-to-end quality is a lottery.
     :param seed: seed for every random choice of the solvers.
     """
 
@@ -121,6 +125,7 @@ class LearnedPermutationModifier(Modifier):
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
     restarts: int = Field(default=1, ge=0)
+    end_to_end: bool = True
     seed: int = 0
 
     _n: int = PrivateAttr()
@@ -190,7 +195,7 @@ class LearnedPermutationModifier(Modifier):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        if self.method == "learned":
+        if self._chooses_end_to_end:
             self._pruned = [
                 module
                 for _, module in match_named_modules(state.model, self._targets, self._ignore)
@@ -209,7 +214,7 @@ class LearnedPermutationModifier(Modifier):
         calibrated = set(kwargs.get("modules", ()))
         for site in [s for s in self._pending if any(c.module in calibrated for c in s.consumer_modules)]:
             choose = None
-            if self.method == "learned":
+            if self._chooses_end_to_end:
                 choose = self._chooser(state.model, site, self._calibrated_energy(), self._batches[:1])
             self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)), choose)
             self._pending.remove(site)
@@ -245,6 +250,10 @@ class LearnedPermutationModifier(Modifier):
             "total_seconds": round(sum(site["seconds"] for site in self._report), 3),
             "sites": list(self._report),
         }
+
+    @property
+    def _chooses_end_to_end(self) -> bool:
+        return self.method == "learned" and self.end_to_end
 
     # ------------------------------------------------------------------ recipe checks
 
@@ -317,7 +326,7 @@ class LearnedPermutationModifier(Modifier):
         self.remove_hooks(handles)
         act_sq = stats.pop(observed)
         choose = None
-        if self.method == "learned":
+        if self._chooses_end_to_end:
             choose = self._chooser(state.model, site, {m: act_sq[m] for m in self._pruned if m in act_sq}, self._batches)
         self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose, start)
 
