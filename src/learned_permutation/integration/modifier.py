@@ -338,7 +338,7 @@ class LearnedPermutationModifier(Modifier):
         """``choose(candidates)`` for ``_learn_site``: the candidate whose simulated pruning of the
         Linears in ``act_sq`` gives the lowest loss on ``batches``."""
         check_finite_statistics(act_sq, self._names)
-        simulation = SimulatedPruning(self, act_sq, self._score_kind, self._n, self._m)
+        simulation = SimulatedPruning(self, act_sq, self._score_kind, self._n, self._m, get_main_device())
         consumers = [named.module for named in site.consumer_modules if named.module in act_sq]
 
         def choose(candidates: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]]:

@@ -42,8 +42,17 @@ class SimulatedPruning:
     pruner's mask is taken on ``W[:, order]`` and scattered back); the others are masked as stored.
     """
 
-    def __init__(self, hooks: HooksMixin, act_sq: dict[nn.Linear, torch.Tensor], score_kind: str, n: int, m: int):
+    def __init__(
+        self,
+        hooks: HooksMixin,
+        act_sq: dict[nn.Linear, torch.Tensor],
+        score_kind: str,
+        n: int,
+        m: int,
+        device: torch.device | str | None = None,
+    ):
         self.hooks, self.act_sq, self.score_kind, self.n, self.m = hooks, act_sq, score_kind, n, m
+        self.device = device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
 
     def loss(self, model: nn.Module, batches: Iterable[dict], column_orders: dict, label: str) -> float:
@@ -52,7 +61,7 @@ class SimulatedPruning:
         handles = {self.hooks.register_hook(module, self._pruned_forward, "forward") for module in self.act_sq}
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                return next_token_loss(model, tqdm(batches, desc=f"Candidate {label}", leave=False))
+                return next_token_loss(model, tqdm(batches, desc=f"Candidate {label}", leave=False), self.device)
         finally:
             self.hooks.remove_hooks(handles)
 
@@ -100,16 +109,16 @@ def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
 
 
 @torch.no_grad()
-def next_token_loss(model: nn.Module, batches: Iterable[dict]) -> float:
+def next_token_loss(model: nn.Module, batches: Iterable[dict], device: torch.device | str | None = None) -> float:
     """Mean next-token cross-entropy over the non-padded tokens of ``batches``.
 
     Runs the decoder and applies the output embedding itself, with the KV cache off and the model in
     eval mode: inside llm-compressor's calibration the lm_head's forward is patched to return meta
     tensors, and the loss needs the logits. Attention runs as ``sdpa`` (llm-compressor forces eager
     attention for its traced subgraphs; this plain forward does not need it, and on stories260K eager
-    is 3-4x slower).
+    is 3-4x slower). ``device``: where the inputs go (default: llm-compressor's main device).
     """
-    device = get_main_device()
+    device = get_main_device() if device is None else device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     total, count = 0.0, 0
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
