@@ -134,12 +134,14 @@ def test_pruned_checkpoint_reloads_exact_nm_and_leaves_embeddings_to_the_permuta
     assert report["sites"] and all(s["objective_after"] <= s["objective_before"] + 1e-9 for s in report["sites"])
 
 
-def test_learned_keeps_the_candidate_with_the_lowest_simulated_loss(llama_dir, tmp_path):
+@pytest.mark.parametrize("pipeline", ["independent", "sequential"])
+def test_learned_keeps_the_candidate_with_the_lowest_simulated_loss(llama_dir, tmp_path, pipeline):
     recipe = [
         LearnedPermutationModifier(mask_structure="2:4", method="learned", restarts=2),
         WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
     ]
-    run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")
+    run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out", pipeline=pipeline)
+    assert_exact_nm(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32), 2, 4)
     sites = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["sites"]
     residual_labels = {"identity", "ria", "greedy (seed 0)", "greedy (seed 1)", "learned (seed 0)", "learned (seed 1)"}
     for site in sites:
