@@ -51,7 +51,12 @@ from learned_permutation.integration.comparison import (  # noqa: E402
     results_table,
     variant_grid,
 )
-from learned_permutation.integration.data import file_dataset, sample_text_dataset, split_paragraphs  # noqa: E402
+from learned_permutation.integration.data import (  # noqa: E402
+    file_dataset,
+    sample_text_dataset,
+    shared_data_dir,
+    split_paragraphs,
+)
 from learned_permutation.integration.evaluation import wikitext_eval_text  # noqa: E402
 from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
 
@@ -61,10 +66,6 @@ from repeats import seed_summary, seed_summary_table  # noqa: E402
 from training.corpus import load_books, split_books  # noqa: E402
 
 HEADLINE = {("none", "2:4"), ("learned", "2:4")}
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("LEARNED_PERMUTATION_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 @dataclass(frozen=True)

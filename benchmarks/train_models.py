@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -26,16 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training.corpus import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, prepare_corpus, token_stream  # noqa: E402
+from learned_permutation.integration.data import shared_data_dir  # noqa: E402
 from learned_permutation.integration.evaluation import perplexity, text_windows, wikitext_eval_text  # noqa: E402
 from training.evaluate import sample_texts, unigram_perplexity, windows  # noqa: E402
 from training.loop import TrainConfig, build_model, train  # noqa: E402
 from training.presets import PRESETS, validate_shape  # noqa: E402
 from training.report import model_card, write_results  # noqa: E402
-
-
-def shared_data_dir() -> Path:
-    """``../shared/data`` beside the repository, or ``$LEARNED_PERMUTATION_SHARED_DATA``."""
-    return Path(os.environ.get("LEARNED_PERMUTATION_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 SAMPLE_PROMPTS = ["It was a dark and stormy night, and", "The old man looked at the sea and said"]

@@ -41,7 +41,7 @@ from learned_permutation.integration.comparison import (  # noqa: E402
     load_model,
     results_table,
 )
-from learned_permutation.integration.data import sample_text_dataset  # noqa: E402
+from learned_permutation.integration.data import sample_text_dataset, shared_data_dir  # noqa: E402
 from learned_permutation.integration.evaluation import wikitext_eval_text  # noqa: E402
 from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
 
@@ -60,8 +60,7 @@ VARIANTS = [
 
 
 def shared_wikitext() -> Path | None:
-    base = os.environ.get("LEARNED_PERMUTATION_SHARED_DATA")
-    path = (Path(base) if base else REPO.parent / "shared" / "data") / "wikitext2" / "wiki.valid.raw"
+    path = shared_data_dir() / "wikitext2" / "wiki.valid.raw"
     return path if path.is_file() else None
 
 

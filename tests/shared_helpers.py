@@ -4,22 +4,17 @@ download, and the tiny Llama shape. Kept out of conftest.py because several conf
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from tiny_models import TINY_SHAPE
 
+from learned_permutation.integration.data import shared_data_dir
+
 TINY_LLAMA = {key: TINY_SHAPE[key] for key in (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "max_position_embeddings",
 )}
-
-
-def shared_data_dir() -> Path:
-    """`../shared/data` beside the repository root, or ``$LEARNED_PERMUTATION_SHARED_DATA``."""
-    override = os.environ.get("LEARNED_PERMUTATION_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shared_file(relative: str) -> Path:

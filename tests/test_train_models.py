@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import train_models  # noqa: E402
 from training.corpus import split_books  # noqa: E402
 from training.loop import TrainConfig, learning_rate  # noqa: E402
 
-SHARED_DATA = Path(os.environ.get("LEARNED_PERMUTATION_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from learned_permutation.integration.data import shared_data_dir  # noqa: E402
+
+SHARED_DATA = shared_data_dir()
 
 
 def test_learning_rate_warms_up_then_decays_to_floor():

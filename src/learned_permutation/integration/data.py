@@ -10,6 +10,7 @@ Three sources, none of which touches a hub:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +21,16 @@ MODEL_SAMPLES = "model-samples"
 """Name of the calibration source that samples text from the model being compressed."""
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
+
+SHARED_DATA_ENV = "LEARNED_PERMUTATION_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The offline data folder (WikiText-2, corpora): ``$LEARNED_PERMUTATION_SHARED_DATA``, else
+    ``../shared/data`` beside the repository checkout this module lives in (an installed wheel has no
+    such folder: set the variable)."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 class InputError(ValueError):
