@@ -52,12 +52,15 @@ class Variant:
 
     ``recipe_file`` runs that YAML instead of the recipe built from the fields (the demo runs the
     shipped recipes this way); the fields must still describe it, they name and group the row.
+    ``modifier_args``: more ``LearnedPermutationModifier`` fields as ``(name, value)`` pairs (e.g.
+    ``(("seed", 1),)``), shown in the row's name.
     """
 
     pruner: str | None = None
     method: str = "none"
     pattern: str = "2:4"
     recipe_file: Path | None = None
+    modifier_args: tuple[tuple[str, object], ...] = ()  # extra LearnedPermutationModifier fields
 
     def __post_init__(self):
         if self.pruner is not None and self.pruner not in PRUNER_LABELS:
@@ -71,7 +74,10 @@ class Variant:
         if self.pruner is None:
             return "dense"
         base = f"{PRUNER_LABELS[self.pruner]} {self.pattern}"
-        return base if self.method == "none" else f"{base} + {self.method} perm"
+        if self.method == "none":
+            return base
+        settings = ", ".join(f"{key}={value}" for key, value in self.modifier_args)
+        return f"{base} + {self.method} perm" + (f" [{settings}]" if settings else "")
 
     @property
     def baseline(self) -> Variant | None:
@@ -84,7 +90,7 @@ class Variant:
         if self.recipe_file is not None:
             return str(self.recipe_file)
         permutation = [] if self.method == "none" else [
-            LearnedPermutationModifier(mask_structure=self.pattern, method=self.method)
+            LearnedPermutationModifier(mask_structure=self.pattern, method=self.method, **dict(self.modifier_args))
         ]
         return [*permutation, _pruner_modifier(self.pruner, self.pattern)]
 
