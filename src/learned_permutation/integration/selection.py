@@ -115,8 +115,8 @@ def next_token_loss(model: nn.Module, batches: Iterable[dict], device: torch.dev
     Runs the decoder and applies the output embedding itself, with the KV cache off and the model in
     eval mode: inside llm-compressor's calibration the lm_head's forward is patched to return meta
     tensors, and the loss needs the logits. Attention runs as ``sdpa`` (llm-compressor forces eager
-    attention for its traced subgraphs; this plain forward does not need it, and on stories260K eager
-    is 3-4x slower). ``device``: where the inputs go (default: llm-compressor's main device).
+    attention for its traced subgraphs; this plain forward does not need it, and eager is slower).
+    ``device``: where the inputs go (default: llm-compressor's main device).
     """
     device = get_main_device() if device is None else device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
