@@ -27,8 +27,8 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import REPO, build_setup, source_revision  # noqa: E402
 
-from learned_permutation.integration.comparison import Comparison, EvalTexts, Variant, load_model  # noqa: E402
-from learned_permutation.integration.evaluation import kl_divergence  # noqa: E402
+from comparison import Comparison, EvalTexts, Variant, load_model  # noqa: E402
+from learned_permutation.tools.evaluation import kl_divergence  # noqa: E402
 
 VARIANTS = [
     Variant("wanda", "none"),

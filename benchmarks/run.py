@@ -39,7 +39,7 @@ from datasets import Dataset  # noqa: E402
 from loguru import logger  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from learned_permutation.integration.comparison import (  # noqa: E402
+from comparison import (  # noqa: E402
     PERMUTATION_METHODS,
     PRUNER_LABELS,
     Comparison,
@@ -51,14 +51,14 @@ from learned_permutation.integration.comparison import (  # noqa: E402
     results_table,
     variant_grid,
 )
-from learned_permutation.integration.data import (  # noqa: E402
+from learned_permutation.tools.data import (  # noqa: E402
     file_dataset,
     sample_text_dataset,
     shared_data_dir,
     split_paragraphs,
 )
-from learned_permutation.integration.evaluation import wikitext_eval_text  # noqa: E402
-from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
+from learned_permutation.tools.evaluation import wikitext_eval_text  # noqa: E402
+from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

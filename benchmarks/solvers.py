@@ -53,7 +53,7 @@ def real_layers(samples: int, seq_len: int, seed: int) -> dict[str, list[LayerCa
     """down_proj and o_proj of stories260K with full Hessians from model-sampled text."""
     from transformers import AutoModelForCausalLM
 
-    from learned_permutation.integration.data import sample_token_ids
+    from learned_permutation.tools.data import sample_token_ids
 
     model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32).eval()
     tokens = sample_token_ids(model, model.config.bos_token_id, samples, seq_len, seed)

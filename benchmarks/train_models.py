@@ -25,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training.corpus import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, prepare_corpus, token_stream  # noqa: E402
-from learned_permutation.integration.data import shared_data_dir  # noqa: E402
-from learned_permutation.integration.evaluation import perplexity, text_windows, wikitext_eval_text  # noqa: E402
+from learned_permutation.tools.data import shared_data_dir  # noqa: E402
+from learned_permutation.tools.evaluation import perplexity, text_windows, wikitext_eval_text  # noqa: E402
 from training.evaluate import sample_texts, unigram_perplexity, windows  # noqa: E402
 from training.loop import TrainConfig, build_model, train  # noqa: E402
 from training.presets import PRESETS, validate_shape  # noqa: E402

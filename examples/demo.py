@@ -33,7 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from learned_permutation.integration.comparison import (  # noqa: E402
+# The comparison engine lives with the benchmarks (benchmarks/comparison.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from comparison import (  # noqa: E402
     Comparison,
     EvalTexts,
     Variant,
@@ -41,9 +43,9 @@ from learned_permutation.integration.comparison import (  # noqa: E402
     load_model,
     results_table,
 )
-from learned_permutation.integration.data import sample_text_dataset, shared_data_dir  # noqa: E402
-from learned_permutation.integration.evaluation import wikitext_eval_text  # noqa: E402
-from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
+from learned_permutation.tools.data import sample_text_dataset, shared_data_dir  # noqa: E402
+from learned_permutation.tools.evaluation import wikitext_eval_text  # noqa: E402
+from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

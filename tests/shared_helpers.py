@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import TINY_SHAPE
 
-from learned_permutation.integration.data import shared_data_dir
+from learned_permutation.tools.data import shared_data_dir
 
 TINY_LLAMA = {key: TINY_SHAPE[key] for key in (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -17,7 +17,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR
+from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR
 
 TINY_SHAPE = dict(
     vocab_size=512,  # the embedded stories260K tokenizer's vocabulary, reused for these models

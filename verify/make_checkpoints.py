@@ -68,7 +68,7 @@ def main(work: Path) -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from learned_permutation.integration.export import export_checkpoint
+    from learned_permutation.tools.export import export_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     save_dense_model(work / "initial")

@@ -1,4 +1,4 @@
-"""Evaluation helpers the project's `learned_permutation.integration.evaluation` does not have: the training
+"""Evaluation helpers the project's `learned_permutation.tools.evaluation` does not have: the training
 loop's validation windows, a unigram baseline, and text samples."""
 
 from __future__ import annotations

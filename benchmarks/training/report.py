@@ -7,7 +7,7 @@ from pathlib import Path
 
 EVAL_PROTOCOL = (
     "Perplexity is token-level with each model's own tokenizer, computed by the project's "
-    "`learned_permutation.integration.evaluation.perplexity` (non-overlapping `[BOS] + (seq_len - 1 tokens)` "
+    "`learned_permutation.tools.evaluation.perplexity` (non-overlapping `[BOS] + (seq_len - 1 tokens)` "
     "windows, every text token predicted once; see that module). Validation text: the held-out books joined "
     "by the corpus separator line, first `--val-max-windows` windows; WikiText-2: `wikitext_eval_text` of "
     "`wiki.valid.raw`, all windows. The numbers come from the checkpoint as stored (weights rounded to "

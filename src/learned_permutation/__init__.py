@@ -6,8 +6,8 @@ Importing the package registers ``LearnedPermutationModifier`` with llm-compress
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from learned_permutation.integration.artifacts import PERMUTATIONS_FILE, REPORT_FILE, fold_saved_permutations
-from learned_permutation.integration.modifier import LearnedPermutationModifier
+from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE, REPORT_FILE, fold_saved_permutations
+from learned_permutation.plugin.modifier import LearnedPermutationModifier
 
 __all__ = ["LearnedPermutationModifier", "PERMUTATIONS_FILE", "REPORT_FILE", "fold_saved_permutations"]
 

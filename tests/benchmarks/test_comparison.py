@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from learned_permutation import REPORT_FILE
-from learned_permutation.integration.comparison import (
+from comparison import (
     Comparison,
     EvalTexts,
     Result,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from shared_helpers import shared_file
 
-from learned_permutation.integration.data import InputError
-from learned_permutation.integration.lm_eval_tasks import run_lm_eval_wikitext
-from learned_permutation.integration.lm_eval_tasks.wikitext_local import _is_article_title, wikitext_pages
-from learned_permutation.integration.evaluation import (
+from learned_permutation.tools.data import InputError
+from learned_permutation.tools.lm_eval_tasks import run_lm_eval_wikitext
+from learned_permutation.tools.lm_eval_tasks.wikitext_local import _is_article_title, wikitext_pages
+from learned_permutation.tools.evaluation import (
     check_nm_sparsity,
     kl_divergence,
     layer_reconstruction_errors,

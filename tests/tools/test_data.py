@@ -6,7 +6,7 @@ import pytest
 import torch
 from shared_helpers import shared_file
 
-from learned_permutation.integration.data import (
+from learned_permutation.tools.data import (
     InputError,
     parquet_dataset,
     sample_text_dataset,

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from learned_permutation.integration.export import (
+from learned_permutation.tools.export import (
     ExportError,
     add_export_command,
     decode_24_bitmask,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from learned_permutation.integration.data import InputError
+from learned_permutation.tools.data import InputError
 
 TASK_DIR = Path(__file__).resolve().parent
 """Pass this directory to lm-eval's ``--include_path`` / ``TaskManager(include_path=...)``."""

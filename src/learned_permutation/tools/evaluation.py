@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.utils import match_named_modules
 
-from learned_permutation.integration.data import InputError
+from learned_permutation.tools.data import InputError
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from learned_permutation.integration.selection import SimulatedPruning, next_token_loss, packed_batches
-from learned_permutation.integration.statistics import InputStatistics
+from learned_permutation.plugin.selection import SimulatedPruning, next_token_loss, packed_batches
+from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from tiny_models import build_tiny_model

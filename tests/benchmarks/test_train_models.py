@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import train_models  # noqa: E402
 from training.corpus import split_books  # noqa: E402
 from training.loop import TrainConfig, learning_rate  # noqa: E402
 
-from learned_permutation.integration.data import shared_data_dir  # noqa: E402
+from learned_permutation.tools.data import shared_data_dir  # noqa: E402
 
 SHARED_DATA = shared_data_dir()
 

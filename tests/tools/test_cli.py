@@ -10,11 +10,11 @@ import pytest
 import torch
 from shared_helpers import TINY_LLAMA, shared_file
 
-from learned_permutation.integration.cli import main
-from learned_permutation.integration.compress import load_recipe
-from learned_permutation.integration.evaluation import check_nm_sparsity, kl_divergence, perplexity
+from learned_permutation.tools.cli import main
+from learned_permutation.tools.compress import load_recipe
+from learned_permutation.tools.evaluation import check_nm_sparsity, kl_divergence, perplexity
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 WANDA_2OF4 = RECIPES / "wanda_2of4.yaml"
 
 
@@ -158,7 +158,7 @@ def test_eval_prints_and_writes_perplexity_and_kl(tiny_llama_dir, tiny_llama, st
 
 
 def test_eval_reads_wikitext_files_as_joined_rows(tiny_llama_dir, tiny_llama, tmp_path):
-    from learned_permutation.integration.evaluation import wikitext_eval_text
+    from learned_permutation.tools.evaluation import wikitext_eval_text
 
     model, tokenizer = tiny_llama
     raw = tmp_path / "wiki.raw"

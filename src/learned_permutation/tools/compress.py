@@ -25,7 +25,7 @@ import torch
 import yaml
 from loguru import logger
 
-from learned_permutation.integration.data import MODEL_SAMPLES, InputError, file_dataset, sample_text_dataset
+from learned_permutation.tools.data import MODEL_SAMPLES, InputError, file_dataset, sample_text_dataset
 
 PIPELINES = ("independent", "sequential", "basic")
 PRECISIONS = ("float32", "bfloat16", "float16")

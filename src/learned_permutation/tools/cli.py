@@ -16,12 +16,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from learned_permutation.integration.data import MODEL_SAMPLES, InputError
-from learned_permutation.integration.export import add_export_command
+from learned_permutation.tools.data import MODEL_SAMPLES, InputError
+from learned_permutation.tools.export import add_export_command
 
 
 def _convert_llama2c(args: argparse.Namespace) -> int:
-    from learned_permutation.integration.llama2c import Llama2cFormatError, convert_llama2c
+    from learned_permutation.tools.llama2c import Llama2cFormatError, convert_llama2c
 
     for path in (args.checkpoint, args.tokenizer_model):
         if not Path(path).is_file():
@@ -47,7 +47,7 @@ def add_convert_llama2c_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _oneshot(args: argparse.Namespace) -> int:
-    from learned_permutation.integration.compress import run_oneshot
+    from learned_permutation.tools.compress import run_oneshot
 
     run_oneshot(
         args.model_dir,
@@ -67,13 +67,13 @@ def _oneshot(args: argparse.Namespace) -> int:
 
 
 def add_oneshot_command(subparsers) -> argparse.ArgumentParser:
-    from learned_permutation.integration.compress import PIPELINES, PRECISIONS
+    from learned_permutation.tools.compress import PIPELINES, PRECISIONS
 
     parser = subparsers.add_parser(
         "oneshot",
         help="run an llm-compressor recipe on a local model with offline calibration data",
         description="llmcompressor.oneshot with the LearnedPermutationModifier registered, offline data and "
-        "early checks of every input (see learned_permutation.integration.compress).",
+        "early checks of every input (see learned_permutation.tools.compress).",
     )
     parser.add_argument("model_dir", help="Hugging Face model directory (with its tokenizer)")
     parser.add_argument("recipe", help="llm-compressor recipe YAML")
@@ -99,14 +99,14 @@ def _load_causal_lm(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learned_permutation.integration.compress import check_model_dir
+    from learned_permutation.tools.compress import check_model_dir
 
     check_model_dir(model_dir)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def _read_eval_text(path: str, text_format: str) -> str:
-    from learned_permutation.integration.evaluation import wikitext_eval_text
+    from learned_permutation.tools.evaluation import wikitext_eval_text
 
     if not Path(path).is_file():
         raise InputError(f"evaluation text file not found: {path}")
@@ -116,8 +116,8 @@ def _read_eval_text(path: str, text_format: str) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from learned_permutation.integration.compress import check_model_dir, check_seq_len
-    from learned_permutation.integration.evaluation import kl_divergence, perplexity
+    from learned_permutation.tools.compress import check_model_dir, check_seq_len
+    from learned_permutation.tools.evaluation import kl_divergence, perplexity
 
     config = check_model_dir(args.model_dir)
     seq_len = args.seq_len or config.max_position_embeddings
@@ -146,7 +146,7 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
         "eval",
         help="perplexity of a checkpoint on a text file, optionally KL(reference || checkpoint)",
         description="Token perplexity over non-overlapping BOS-prefixed windows (see "
-        "learned_permutation.integration.evaluation); with --reference, the mean KL divergence of the "
+        "learned_permutation.tools.evaluation); with --reference, the mean KL divergence of the "
         "checkpoint's next-token distributions from the reference's on the same tokens.",
     )
     parser.add_argument("model_dir", help="Hugging Face model directory")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learned_permutation.integration.llama2c import (
+from learned_permutation.tools.llama2c import (
     EMBEDDED_MODEL_DIR,
     Llama2cFormatError,
     convert_llama2c,

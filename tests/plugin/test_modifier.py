@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import learned_permutation  # noqa: F401  (registers the modifier)
 from learned_permutation import PERMUTATIONS_FILE, REPORT_FILE, LearnedPermutationModifier, fold_saved_permutations
-from learned_permutation.integration.llama2c import EMBEDDED_MODEL_DIR
+from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from tiny_models import TINY_CONFIGS, save_tiny_model

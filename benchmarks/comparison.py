@@ -21,16 +21,16 @@ import torch
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learned_permutation.integration.artifacts import PERMUTATIONS_FILE, REPORT_FILE, fold_saved_permutations
-from learned_permutation.integration.compress import compress
-from learned_permutation.integration.evaluation import (
+from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE, REPORT_FILE, fold_saved_permutations
+from learned_permutation.tools.compress import compress
+from learned_permutation.tools.evaluation import (
     check_nm_sparsity,
     kl_divergence,
     layer_reconstruction_errors,
     perplexity,
 )
-from learned_permutation.integration.lm_eval_tasks import run_lm_eval_wikitext
-from learned_permutation.integration.modifier import LearnedPermutationModifier
+from learned_permutation.tools.lm_eval_tasks import run_lm_eval_wikitext
+from learned_permutation.plugin.modifier import LearnedPermutationModifier
 from learned_permutation.math import parse_mask_structure
 
 PRUNER_LABELS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}

@@ -22,10 +22,10 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import calibration_forward_context
 
-from learned_permutation.integration.artifacts import write_artifacts_on_save
-from learned_permutation.integration.pruner_state import reindex_calibration_state
-from learned_permutation.integration.selection import SimulatedPruning, packed_batches
-from learned_permutation.integration.statistics import InputStatistics, check_finite_statistics
+from learned_permutation.plugin.artifacts import write_artifacts_on_save
+from learned_permutation.plugin.pruner_state import reindex_calibration_state
+from learned_permutation.plugin.selection import SimulatedPruning, packed_batches
+from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.math import (
     SCORE_KINDS,
     parse_mask_structure,
@@ -81,12 +81,12 @@ class LearnedPermutationModifier(Modifier):
       ``restarts`` seeds of the last two for the residual site) are ranked by the
       calibration loss of the model with the site's Linears pruned in simulation (all
       targeted Linears for the residual site, the layer's own for the others), one forward
-      pass per candidate, and the best is folded (``learned_permutation.integration.selection``)
+      pass per candidate, and the best is folded (``learned_permutation.plugin.selection``)
     - on_calibration_end
         - remove hooks
     - on_finalize
         - log a summary; ``model.save_pretrained`` also writes ``permutation_report.json``
-          and ``permutations.safetensors`` (see ``learned_permutation.integration.artifacts``)
+          and ``permutations.safetensors`` (see ``learned_permutation.plugin.artifacts``)
 
     :param mask_structure: ``"N:M"`` pattern the pruner will apply; must equal the
         pruner's. Quote it in YAML (unquoted ``2:4`` parses as the number 124).
