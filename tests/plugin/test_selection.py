@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from learned_permutation.plugin.selection import SimulatedPruning, next_token_loss, packed_batches
+from learned_permutation.plugin.selection import SimulatedPruning, calibration_sample, next_token_loss
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -70,14 +70,16 @@ def test_next_token_loss_ignores_padding():
     )
 
 
-def test_packing_rows_of_different_lengths_keeps_the_loss():
+def test_calibration_sample_is_bounded_order_free_and_loss_preserving():
     model = build_tiny_model("llama")
     ids = torch.randint(3, model.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": ids[i : i + 1, : 8 + 3 * i]} for i in range(5)]
-    packed = packed_batches(rows, tokens_per_batch=40)
-    assert [len(batch["input_ids"]) for batch in packed] == [2, 2, 1]  # lengths 8+11 | 14+17 | 20
-    assert sum(int(batch["attention_mask"].sum()) for batch in packed) == sum(8 + 3 * i for i in range(5))
-    assert next_token_loss(model, packed) == pytest.approx(next_token_loss(model, rows), rel=1e-5)
+    whole = calibration_sample(rows, tokens=1000)
+    assert int(whole["attention_mask"].sum()) == sum(8 + 3 * i for i in range(5))
+    assert next_token_loss(model, [whole]) == pytest.approx(next_token_loss(model, rows), rel=1e-5)
+    shuffled = calibration_sample(rows[::-1], tokens=30)
+    assert torch.equal(shuffled["input_ids"], calibration_sample(rows, tokens=30)["input_ids"])
+    assert int(shuffled["attention_mask"].sum()) == 30
 
 
 def test_next_token_loss_rejects_data_without_token_pairs():

@@ -4,40 +4,38 @@ and fold them into the weights, so the N:M pruner that follows keeps more of wha
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.utils import match_named_modules, match_targets
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
-from tqdm import tqdm
 
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
-from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
-from llmcompressor.utils.helpers import calibration_forward_context
 
 from learned_permutation.plugin.artifacts import write_artifacts_on_save
-from learned_permutation.plugin.pruner_state import reindex_calibration_state
-from learned_permutation.plugin.selection import SimulatedPruning, packed_batches
-from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
-from learned_permutation.math import (
-    SCORE_KINDS,
-    parse_mask_structure,
-    reconstruction_error,
-    solve_permutation,
+from learned_permutation.plugin.recipe_checks import (
+    check_calibration_tokens,
+    check_finite_weights,
+    check_solver_args,
+    following_pruner,
+    pruned_modules,
+    resolve_score,
+    seed_calibration_order,
 )
-from learned_permutation.structure import PermutationSite, find_sites, fold_permutation, mapping_for
+from learned_permutation.plugin.pruner_aware import PrunerModel
+from learned_permutation.plugin.search import PermutationSearch, SearchSettings
+from learned_permutation.plugin.selection import calibration_sample
+from learned_permutation.math import SCORE_KINDS, parse_mask_structure
+from learned_permutation.structure import SITE_KINDS, PermutationSite, find_sites, mapping_for
 
 __all__ = ["LearnedPermutationModifier"]
 
-SITE_KINDS = ("residual", "mlp", "attn_vo")
-PRUNER_SCORES = {"SparseGPTModifier": "sparsegpt", "WandaPruningModifier": "wanda"}
+DEFAULT_CANDIDATES = ("identity", "ria", "greedy")
 
 
 class LearnedPermutationModifier(Modifier):
@@ -115,17 +113,22 @@ class LearnedPermutationModifier(Modifier):
     :param seed: seed for every random choice of the solvers.
     """
 
-    requires_calibration_data: bool = True
+    # The modifier runs its own bounded passes over a calibration sample (plugin/search.py) at
+    # calibration start; with True, llm-compressor's independent pipeline would also give it a
+    # whole sequential calibration pass of its own, about as costly as the pruner's, and unused.
+    requires_calibration_data: bool = False
 
     mask_structure: str = "2:4"
-    method: Literal["learned", "greedy", "ria", "identity"] = "learned"
+    method: Literal["select", "learned", "greedy", "ria", "identity"] = "select"
     sites: list[Literal["residual", "mlp", "attn_vo"]] = Field(default_factory=lambda: list(SITE_KINDS))
     score: str = "auto"
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
-    restarts: int = Field(default=1, ge=0)
-    end_to_end: bool = True
+    candidates: list[Literal["identity", "ria", "greedy", "learned"]] = Field(
+        default_factory=lambda: list(DEFAULT_CANDIDATES)
+    )
+    sample_tokens: int = Field(default=8192, ge=64)
     seed: int = 0
 
     _n: int = PrivateAttr()
@@ -133,15 +136,11 @@ class LearnedPermutationModifier(Modifier):
     _score_kind: str = PrivateAttr()
     _targets: list[str] = PrivateAttr()
     _ignore: list[str] = PrivateAttr()
+    _targeted: dict[nn.Module, str] = PrivateAttr(default_factory=dict)
     _names: dict[nn.Module, str] = PrivateAttr(default_factory=dict)
-    _residual: PermutationSite | None = PrivateAttr(default=None)
-    _pending: list[PermutationSite] = PrivateAttr(default_factory=list)
-    _layer_stats: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=True))
-    _energy: InputStatistics = PrivateAttr(default_factory=lambda: InputStatistics(full=False))
-    _pruned: list[nn.Linear] = PrivateAttr(default_factory=list)
-    _batches: list[dict] = PrivateAttr(default_factory=list)
-    _report: list[dict] = PrivateAttr(default_factory=list)
-    _permutations: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _sites: list[PermutationSite] = PrivateAttr(default_factory=list)
+    _pruner: Any = PrivateAttr(default=None)
+    _search: PermutationSearch | None = PrivateAttr(default=None)
 
     @field_validator("mask_structure", mode="before")
     @classmethod
@@ -170,6 +169,28 @@ class LearnedPermutationModifier(Modifier):
             raise ValueError(f"score must be 'auto' or one of {sorted(SCORE_KINDS)}, got {value!r}")
         return value
 
+    @field_validator("candidates")
+    @classmethod
+    def _check_candidates(cls, value):
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"candidates must name at least one solver, each once; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_solver_args(self):
+        if self.method != "select":
+            check_solver_args(self.method, self.solver_args)
+            return self
+        for name, args in self.solver_args.items():
+            if name not in self.candidates or not isinstance(args, dict):
+                raise ValueError(
+                    f"with method 'select', solver_args maps candidate names to their arguments, e.g. "
+                    f"{{greedy: {{sweeps: 5}}}}; {name!r} is not one of the candidates {self.candidates}"
+                    "."
+                )
+            check_solver_args(name, args)
+        return self
+
     # ------------------------------------------------------------------ lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -179,81 +200,74 @@ class LearnedPermutationModifier(Modifier):
         pruner = self._following_pruner()
         self._score_kind = self._resolve_score(pruner)
         self._targets, self._ignore = self._resolve_targets(pruner)
-        if state.data.calib is None or len(state.data.calib) == 0:
-            raise ValueError(
-                "LearnedPermutationModifier needs calibration data, and the calibration set is "
-                "empty. Pass dataset=... and num_calibration_samples > 0 to oneshot()."
-            )
         self._names = {module: name for name, module in model.named_modules()}
+        self._targeted = {module: name for name, module in pruned_modules(model, self._targets, self._ignore).items()}
         sites = find_sites(model, self._m, kinds=tuple(self.sites))
-        self._residual = next((s for s in sites if s.kind == "residual"), None)
-        self._pending = [s for s in sites if s.kind != "residual"]
+        if not any(self._objective_modules(site) for site in sites):
+            raise ValueError(
+                f"LearnedPermutationModifier: no consumer of the permutation sites {list(self.sites)} is pruned "
+                f"with targets={self._targets} and ignore={self._ignore} (resolved as SparseGPT/Wanda resolve "
+                "them), so there is nothing to permute for. Set targets to the pruned layers or their "
+                'containers (e.g. ["Linear"] or ["re:model.layers.\\d*$"]) and check ignore.'
+            )
+        check_finite_weights(model)
+        if seed_calibration_order(state.data.calib, self.seed):
+            logger.info(f"LearnedPermutationModifier: calibration shuffle seeded with seed={self.seed}")
+        tokens = check_calibration_tokens(state.data.calib)
+        self._sites, self._pruner = sites, pruner
         logger.info(
             f"LearnedPermutationModifier: {len(sites)} sites, method={self.method}, "
-            f"{self.mask_structure}, score={self._score_kind}"
+            f"{self.mask_structure}, score={self._score_kind}, {tokens} calibration tokens"
         )
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        if self._chooses_end_to_end:
-            self._pruned = [
-                module
-                for _, module in match_named_modules(state.model, self._targets, self._ignore)
-                if isinstance(module, nn.Linear)
-            ]
-            self._batches = packed_batches(state.data.calib)
-        if self._residual is not None:
-            self._learn_residual(state)
-        for site in self._pending:
-            for module in self._objective_modules(site):
-                self.register_hook(module, self._layer_stats.hook, "forward")
-        for module in self._pruned:  # input energy of every pruned Linear, for the simulated pruner
-            self.register_hook(module, self._energy.hook, "forward")
-
-    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        calibrated = set(kwargs.get("modules", ()))
-        for site in [s for s in self._pending if any(c.module in calibrated for c in s.consumer_modules)]:
-            choose = None
-            if self._chooses_end_to_end:
-                choose = self._chooser(state.model, site, self._calibrated_energy(), self._batches[:1])
-            self._learn_site(state.model, site, self._layer_stats.pop(self._objective_modules(site)), choose)
-            self._pending.remove(site)
+        self._search = PermutationSearch(
+            state.model,
+            self._sites,
+            [module for module in self._targeted if isinstance(module, nn.Linear)],
+            self._objective_modules,
+            SearchSettings(
+                candidates=tuple(self.candidates) if self.method == "select" else (self.method,),
+                pruner=PrunerModel.following(self._pruner, self._score_kind, self._n, self._m),
+                seed=self.seed,
+                solver_args=self.solver_args if self.method == "select" else {self.method: self.solver_args},
+            ),
+            self,
+            self._names,
+        )
+        start = time.perf_counter()
+        self._search.run(calibration_sample(state.data.calib, self.sample_tokens), get_main_device())
+        self._search.phases["total"] = time.perf_counter() - start
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
-        self._energy.pop(list(self._energy.sums))
-        self._batches = []
-        if self._pending:
-            raise RuntimeError(
-                "LearnedPermutationModifier: no calibration statistics reached "
-                f"{[s.name for s in self._pending]}; the calibration pipeline did not run these "
-                "layers. Use the sequential or independent pipeline."
-            )
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
         self._log_summary()
-        write_artifacts_on_save(state.model, self.report(), self._permutations)
+        write_artifacts_on_save(state.model, self.report(), self._search.permutations if self._search else {})
         return True
 
     # ------------------------------------------------------------------ public
 
     def report(self) -> dict:
-        """Per-site objective before/after and time, as written to permutation_report.json."""
+        """Per-site objective before/after, candidates and time, and the seconds of each phase, as
+        written to permutation_report.json."""
+        search = self._search
         return {
             "modifier": type(self).__name__,
             "mask_structure": self.mask_structure,
             "method": self.method,
+            "candidates": list(self.candidates) if self.method == "select" else [self.method],
             "score": getattr(self, "_score_kind", self.score),
-            "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2",
-            "total_seconds": round(sum(site["seconds"] for site in self._report), 3),
-            "sites": list(self._report),
+            "sample_tokens": self.sample_tokens,
+            "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",
+            "total_seconds": round(search.phases.get("total", 0.0), 3) if search else 0.0,
+            "phase_seconds": {k: round(v, 3) for k, v in search.phases.items() if k != "total"} if search else {},
+            "sites": list(search.report) if search else [],
         }
-
-    @property
-    def _chooses_end_to_end(self) -> bool:
-        return self.method == "learned" and self.end_to_end
 
     # ------------------------------------------------------------------ recipe checks
 
@@ -261,38 +275,10 @@ class LearnedPermutationModifier(Modifier):
         return list(active_session().lifecycle.recipe.modifiers or [])
 
     def _following_pruner(self) -> SparsityModifierBase | None:
-        modifiers = self._recipe_modifiers()
-        position = next((i for i, m in enumerate(modifiers) if m is self), None)
-        pruners = [(i, m) for i, m in enumerate(modifiers) if isinstance(m, SparsityModifierBase)]
-        if position is not None:
-            earlier = [type(m).__name__ for i, m in pruners if i < position]
-            if earlier:
-                raise ValueError(
-                    f"LearnedPermutationModifier is placed after {earlier[0]} in the recipe. The "
-                    "pruner would prune before the permutation exists; move "
-                    "LearnedPermutationModifier before it."
-                )
-        pruner = next((m for i, m in pruners if position is None or i > position), None)
-        if pruner is not None and pruner.mask_structure != self.mask_structure:
-            raise ValueError(
-                f"mask_structure mismatch: LearnedPermutationModifier has "
-                f'"{self.mask_structure}" but {type(pruner).__name__} has "{pruner.mask_structure}". '
-                "The permutation is learned for one N:M pattern; set both to the same value."
-            )
-        return pruner
+        return following_pruner(self._recipe_modifiers(), self)
 
     def _resolve_score(self, pruner) -> str:
-        if self.score != "auto":
-            return self.score
-        if pruner is None:
-            return "wanda"
-        kind = PRUNER_SCORES.get(type(pruner).__name__)
-        if kind is None:
-            raise ValueError(
-                f"score='auto' cannot infer a score for {type(pruner).__name__}; set score to one "
-                f"of {sorted(SCORE_KINDS)}."
-            )
-        return kind
+        return resolve_score(self.score, pruner)
 
     def _resolve_targets(self, pruner) -> tuple[list[str], list[str]]:
         targets = self.targets if self.targets is not None else getattr(pruner, "targets", ["Linear"])
@@ -300,143 +286,16 @@ class LearnedPermutationModifier(Modifier):
         return ([targets] if isinstance(targets, str) else list(targets)), list(ignore)
 
     def _objective_modules(self, site: PermutationSite) -> list[nn.Module]:
-        """Consumers of the site that the pruner will actually prune."""
-        return [
-            named.module
-            for named in site.consumer_modules
-            if match_targets(named.name, named.module, self._targets)
-            and not match_targets(named.name, named.module, self._ignore)
-        ]
-
-    # ------------------------------------------------------------------ learning
-
-    def _learn_residual(self, state: State):
-        """Statistics from one forward pass, then solve; with ``learned``, choose among candidates
-        by the calibration loss of the model pruned in simulation."""
-        start = time.perf_counter()
-        site = self._residual
-        readers = self._objective_modules(site)
-        observed = list(dict.fromkeys(readers + self._pruned))
-        stats = InputStatistics(full=False)
-        handles = {self.register_hook(m, stats.hook, "forward") for m in observed}
-        device = get_main_device()
-        with calibration_forward_context(state.model), HooksMixin.disable_hooks(keep=handles):
-            for batch in tqdm(state.data.calib, desc="Residual statistics"):
-                state.model(**{k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-        self.remove_hooks(handles)
-        act_sq = stats.pop(observed)
-        choose = None
-        if self._chooses_end_to_end:
-            choose = self._chooser(state.model, site, {m: act_sq[m] for m in self._pruned if m in act_sq}, self._batches)
-        self._learn_site(state.model, site, {m: act_sq[m] for m in readers if m in act_sq}, choose, start)
-
-    def _calibrated_energy(self) -> dict[nn.Linear, torch.Tensor]:
-        """Input energy of the pruned Linears calibrated so far: this layer's and the ones before it."""
-        return dict(self._energy.sums)
-
-    def _chooser(self, model: nn.Module, site: PermutationSite, act_sq: dict, batches: list):
-        """``choose(candidates)`` for ``_learn_site``: the candidate whose simulated pruning of the
-        Linears in ``act_sq`` gives the lowest loss on ``batches``."""
-        check_finite_statistics(act_sq, self._names)
-        simulation = SimulatedPruning(self, act_sq, self._score_kind, self._n, self._m, get_main_device())
-        consumers = [named.module for named in site.consumer_modules if named.module in act_sq]
-
-        def choose(candidates: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
-            losses = {}
-            for label, perm in candidates.items():
-                orders = dict.fromkeys(consumers, site.consumer_column_index(perm))
-                losses[label] = simulation.loss(model, batches, orders, f"{site.name}: {label}")
-            if not all(math.isfinite(loss) for loss in losses.values()):
-                raise ValueError(
-                    f"{site.name}: the simulated-pruning calibration loss is not finite ({losses}): the model "
-                    "produces NaN or inf logits on the calibration data; check its dtype (float32 or "
-                    "bfloat16, not float16)."
-                )
-            chosen = min(losses, key=losses.get)
-            logger.info(
-                f"{site.name} candidates, simulated-pruning calibration loss: "
-                + ", ".join(f"{label} {loss:.4f}" for label, loss in losses.items())
-                + f"; kept {chosen}"
-            )
-            return chosen, losses
-
-        return choose
-
-    def _candidates(self, site: PermutationSite, consumers: list, problem: dict) -> dict[str, torch.Tensor]:
-        """Identity, ria, and greedy and learned solves (``restarts`` seeds for the residual site,
-        one per-layer); a permutation found twice is kept once, under its first label."""
-        candidates = {"identity": torch.arange(site.size), "ria": solve_permutation(consumers, method="ria", **problem)}
-        for seed in range(self.seed, self.seed + (self.restarts if site.kind == "residual" else 1)):
-            candidates[f"greedy (seed {seed})"] = solve_permutation(consumers, method="greedy", seed=seed, **problem)
-            candidates[f"learned (seed {seed})"] = solve_permutation(
-                consumers, method="learned", seed=seed, **problem, **self.solver_args
-            )
-        unique = {}
-        for label, perm in candidates.items():
-            if not any(torch.equal(perm.cpu(), kept.cpu()) for kept in unique.values()):
-                unique[label] = perm
-        return unique
-
-    def _learn_site(self, model: nn.Module, site: PermutationSite, stats: dict, choose=None, start=None):
-        """Solve, fold and report one site; ``choose`` (method learned) picks among candidates.
-        ``start``: when the site's work began, if before this call (the residual's statistics pass)."""
-        start = time.perf_counter() if start is None else start
-        check_finite_statistics(stats, self._names)
-        if not stats:
-            logger.warning(f"{site.name}: no targeted consumer saw calibration data; left as is")
-            return
-        consumers = site.consumers_from_stats(stats)
-        problem = dict(n=self._n, m=self._m, score_kind=self._score_kind, block_size=site.block_size)
-        selection = {}
-        with torch.enable_grad():
-            if choose is None:
-                perm = solve_permutation(consumers, method=self.method, seed=self.seed, **problem, **self.solver_args)
-            else:
-                candidates = self._candidates(site, consumers, problem)
-                chosen, losses = choose(candidates)
-                perm = candidates[chosen]
-                selection = {"chosen_candidate": chosen, "candidate_calibration_losses": losses}
-        identity = torch.arange(site.size)
-        before = reconstruction_error(consumers, identity, **problem)
-        after = reconstruction_error(consumers, perm, **problem)
-        fold_permutation(model, site, perm)
-        columns = site.consumer_column_index(perm)
-        for named in site.consumer_modules:
-            self._energy.permute_inputs(named.module, columns)
-        self._permutations[site.name] = perm.detach().cpu()
-        self._reindex_other_modifiers(site, perm)
-        seconds = time.perf_counter() - start
-        self._report.append(
-            {
-                "site": site.name,
-                "kind": site.kind,
-                "channels": site.size,
-                "consumers": [self._names[m] for m in stats],
-                "objective_before": before,
-                "objective_after": after,
-                **selection,
-                "seconds": round(seconds, 3),
-            }
-        )
-        logger.info(f"{site.name}: objective {before:.4f} -> {after:.4f} ({seconds:.1f}s)")
-
-    def _reindex_other_modifiers(self, site: PermutationSite, perm: torch.Tensor):
-        others = [m for m in self._recipe_modifiers() if m is not self]
-        if others:
-            columns = site.consumer_column_index(perm)
-            permuted = {named.module: columns for named in site.consumer_modules}
-            touched = reindex_calibration_state(others, permuted, self._names)
-            if touched:
-                logger.debug(f"{site.name}: re-indexed {touched}")
+        """Consumers of the site that the pruner will actually prune (``_targeted``, resolved as the pruner does)."""
+        return [named.module for named in site.consumer_modules if named.module in self._targeted]
 
     def _log_summary(self):
-        if not self._report:
+        sites = self._search.report if self._search else []
+        if not sites:
             return
-        before = sum(site["objective_before"] for site in self._report) / len(self._report)
-        after = sum(site["objective_after"] for site in self._report) / len(self._report)
-        total = sum(site["seconds"] for site in self._report)
+        before = sum(site["objective_before"] for site in sites) / len(sites)
+        after = sum(site["objective_after"] for site in sites) / len(sites)
         logger.info(
-            f"LearnedPermutationModifier: {len(self._report)} sites, mean objective "
-            f"{before:.4f} -> {after:.4f}, {total:.1f}s"
+            f"LearnedPermutationModifier: {len(sites)} sites, mean objective "
+            f"{before:.4f} -> {after:.4f}, {self._search.phases.get('total', 0.0):.1f}s"
         )
-

@@ -1,18 +1,17 @@
-"""End-to-end choice of a site's permutation among candidates.
+"""Whole-model choice of the residual permutation among candidates, on a bounded calibration sample.
 
-On the models we measured, the layer-wise objective ranks permutations poorly: candidates whose
-objectives differ by a fraction of a percent give pruned models whose perplexities differ by tens of
-percent (``docs/results.md``), while the calibration loss of the pruned model ranks them as the
-held-out loss does. So ``method: learned`` ranks each site's candidates by that loss: the model with
-the Linears a site affects masked the way the pruner would mask them (its score's N:M mask in the
-candidate's channel order, no weight update). Masks are computed per call from the weight and the
-input energy, so memory stays one layer's mask; each candidate costs one forward pass over the
-calibration batches, packed to about ``TOKENS_PER_BATCH`` tokens each (llm-compressor hands the
-calibration set over one sample at a time, which makes a small model's passes overhead-bound).
+The residual permutation is shared by every layer, and on the models we measured the layer-wise
+objective ranks its candidates poorly, while the calibration loss of the pruned model ranks them as
+the held-out loss does (``docs/results.md``). So each residual candidate is scored by that loss: the
+model with every targeted Linear masked the way the pruner would mask it (its score's N:M mask in
+the candidate's channel order, no weight update), one forward pass over ``calibration_sample``
+tokens per candidate. Masks are computed per call from the weight and the input energy, so memory
+stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import torch
@@ -29,9 +28,9 @@ from learned_permutation.math import nm_mask
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
 
-__all__ = ["SimulatedPruning", "next_token_loss", "packed_batches"]
+__all__ = ["SimulatedPruning", "calibration_sample", "next_token_loss"]
 
-TOKENS_PER_BATCH = 8192  # bounds the logits: 8192 x 128k vocabulary x 4 bytes = 4 GiB at most
+HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
 
 
 class SimulatedPruning:
@@ -76,26 +75,28 @@ class SimulatedPruning:
         return F.linear(args[0], weight * keep, module.bias)
 
 
-def packed_batches(batches: Iterable[dict], tokens_per_batch: int = TOKENS_PER_BATCH) -> list[dict]:
-    """The rows of ``batches`` regrouped into batches of at most ``tokens_per_batch`` tokens (at least
-    one row each), right-padded with masked positions: a causal model computes every row's logits
-    exactly as before, so the loss is unchanged."""
+def calibration_sample(batches: Iterable[dict], tokens: int) -> dict:
+    """At most ``tokens`` calibration tokens as one right-padded batch (causal models score each row
+    as if alone), the same whatever order the calibration set comes in: rows are taken in the
+    order of a hash of their tokens. llm-compressor shuffles calibration samples with an unseeded
+    sampler by default, so taking the first rows would make every decision depend on that shuffle."""
     rows = []
     for batch in batches:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        rows.extend(zip(ids, mask))
-    packed, group = [], []
+        rows.extend(row[keep.bool()] for row, keep in zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])))
+    rows.sort(key=lambda row: hashlib.sha256(row.cpu().numpy().tobytes()).digest())
+    chosen, total = [], 0
     for row in rows:
-        width = max(len(r[0]) for r in group + [row])
-        if group and (len(group) + 1) * width > tokens_per_batch:
-            packed.append(_right_padded(group))
-            group = []
-        group.append(row)
-    if group:
-        packed.append(_right_padded(group))
-    return packed
+        row = row[: tokens - total]
+        if len(row) < 2:
+            break
+        chosen.append((row, torch.ones_like(row)))
+        total += len(row)
+    if not chosen:
+        raise ValueError("the calibration data holds no row of at least two tokens")
+    return _right_padded(chosen)
 
 
 def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -128,8 +129,10 @@ def next_token_loss(model: nn.Module, batches: Iterable[dict], device: torch.dev
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
             valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-            logits = F.linear(hidden[valid], head.weight, head.bias).float()
-            total += float(F.cross_entropy(logits, input_ids[:, 1:][valid], reduction="sum"))
+            targets = input_ids[:, 1:][valid]
+            for part, target in zip(hidden[valid].split(HEAD_CHUNK_TOKENS), targets.split(HEAD_CHUNK_TOKENS)):
+                logits = F.linear(part, head.weight, head.bias).float()
+                total += float(F.cross_entropy(logits, target, reduction="sum"))
             count += int(valid.sum())
     if count == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")

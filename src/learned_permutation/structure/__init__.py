@@ -7,12 +7,14 @@ from learned_permutation.structure.registry import (
     AttentionShape,
     UnsupportedArchitectureError,
     mapping_for,
+    mapping_for_config,
 )
 from learned_permutation.structure.sites import (
     SITE_KINDS,
     NamedModule,
     PermutationSite,
     SiteNotFoldableError,
+    check_foldable_config,
     find_sites,
 )
 
@@ -25,8 +27,10 @@ __all__ = [
     "PermutationSite",
     "SiteNotFoldableError",
     "UnsupportedArchitectureError",
+    "check_foldable_config",
     "find_sites",
     "fold_permutation",
     "mapping_for",
+    "mapping_for_config",
     "validate_permutation",
 ]

@@ -95,10 +95,19 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchitectureMapping] = {
 
 def mapping_for(model: torch.nn.Module) -> ArchitectureMapping:
     """The registry entry for `model`'s class, or an error that lists what is supported."""
-    class_name = type(model).__name__
+    return mapping_for_class(type(model).__name__, getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def mapping_for_config(config) -> ArchitectureMapping:
+    """The registry entry for the class a transformers config names (``architectures[0]``), so a
+    model folder can be checked from its config.json before the weights are loaded."""
+    architectures = getattr(config, "architectures", None) or ["(none in config.json)"]
+    return mapping_for_class(architectures[0], getattr(config, "model_type", "unknown"))
+
+
+def mapping_for_class(class_name: str, model_type: str) -> ArchitectureMapping:
     mapping = SUPPORTED_ARCHITECTURES.get(class_name)
     if mapping is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
         supported = ", ".join(f"{m.class_name} ({m.model_type})" for m in SUPPORTED_ARCHITECTURES.values())
         raise UnsupportedArchitectureError(
             f"learned-permutation has no architecture mapping for {class_name} "

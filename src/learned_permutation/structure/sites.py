@@ -1,6 +1,6 @@
 """Permutation sites: the places in a decoder where a channel permutation folds into the weights.
 
-Three kinds (DESIGN.md section 2):
+Three kinds:
 - `residual`: the hidden state, one site for the whole model;
 - `mlp`: the intermediate activation of each layer (gate/up rows -> down_proj columns);
 - `attn_vo`: each layer's attention output, permuted within each KV head (v_proj rows ->
@@ -17,7 +17,7 @@ import torch
 
 from learned_permutation.math.objectives import Consumer
 from learned_permutation.structure.offload import read_parameter, stored_tensor
-from learned_permutation.structure.registry import ArchitectureMapping, AttentionShape, mapping_for
+from learned_permutation.structure.registry import ArchitectureMapping, AttentionShape, mapping_for, mapping_for_config
 
 SiteKind = Literal["residual", "mlp", "attn_vo"]
 SITE_KINDS: tuple[SiteKind, ...] = ("residual", "mlp", "attn_vo")
@@ -252,15 +252,36 @@ def _check_shapes(site: PermutationSite) -> None:
 
 
 def _check_foldable(site: PermutationSite, m: int) -> None:
-    if site.size % m:
+    check_foldable(site.name, site.kind, site.size, site.block_size, m)
+
+
+def check_foldable_config(config, m: int, kinds: Iterable[SiteKind] = SITE_KINDS) -> None:
+    """`find_sites`' architecture and divisibility checks from a config alone, before the weights load.
+    Per-layer sites are named with ``*`` for the layer index (every layer has the same shape)."""
+    mapping = mapping_for_config(config)
+    attention = mapping.attention_shape(config)
+    layer = f"{mapping.decoder_layers}.*"
+    shapes = {
+        "residual": (RESIDUAL_SITE_NAME, config.hidden_size, None),
+        "attn_vo": (f"{layer}.{mapping.value_proj.rsplit('.', 1)[0]}", attention.num_kv_heads * attention.head_dim,
+                    attention.head_dim),
+        "mlp": (f"{layer}.{mapping.mlp_consumer.rsplit('.', 1)[0]}", config.intermediate_size, None),
+    }
+    for kind in kinds:
+        name, size, block_size = shapes[kind]
+        check_foldable(name, kind, size, block_size, m)
+
+
+def check_foldable(name: str, kind: str, size: int, block_size: int | None, m: int) -> None:
+    if size % m:
         raise SiteNotFoldableError(
-            f"site {site.name} ({site.kind}) has {site.size} channels, not a multiple of M={m}: "
-            f"its consumers cannot be split into whole groups of {m}. Leave '{site.kind}' out of the "
+            f"site {name} ({kind}) has {size} channels, not a multiple of M={m}: "
+            f"its consumers cannot be split into whole groups of {m}. Leave '{kind}' out of the "
             "permutation sites or choose an M that divides it."
         )
-    if site.block_size is not None and site.block_size % m:
+    if block_size is not None and block_size % m:
         raise SiteNotFoldableError(
-            f"site {site.name} ({site.kind}) permutes within heads of head_dim={site.block_size}, "
-            f"not a multiple of M={m}: groups of {m} would straddle heads. Leave '{site.kind}' out of "
+            f"site {name} ({kind}) permutes within heads of head_dim={block_size}, "
+            f"not a multiple of M={m}: groups of {m} would straddle heads. Leave '{kind}' out of "
             "the permutation sites or choose an M that divides head_dim."
         )
