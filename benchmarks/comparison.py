@@ -34,7 +34,7 @@ from learned_permutation.plugin.modifier import LearnedPermutationModifier
 from learned_permutation.math import parse_mask_structure
 
 PRUNER_LABELS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
-PERMUTATION_METHODS = ("none", "ria", "greedy", "learned")
+PERMUTATION_METHODS = ("none", "ria", "greedy", "learned", "select")
 IGNORE = ["re:.*lm_head"]
 
 

@@ -55,9 +55,9 @@ HELD_OUT_SEED = 1_000  # calibration uses --seed; the held-out text another seed
 VARIANTS = [
     Variant(),
     Variant("wanda", "none", "2:4", RECIPES / "wanda_2of4.yaml"),
-    Variant("wanda", "learned", "2:4", RECIPES / "wanda_2of4_learned.yaml"),
+    Variant("wanda", "learned", "2:4", RECIPES / "wanda_2of4_permuted.yaml"),
     Variant("sparsegpt", "none", "2:4", RECIPES / "sparsegpt_2of4.yaml"),
-    Variant("sparsegpt", "learned", "2:4", RECIPES / "sparsegpt_2of4_learned.yaml"),
+    Variant("sparsegpt", "learned", "2:4", RECIPES / "sparsegpt_2of4_permuted.yaml"),
 ]
 
 

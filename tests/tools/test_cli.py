@@ -82,7 +82,7 @@ def test_oneshot_rejects_missing_and_malformed_recipes(capsys, config_only_dir, 
 
 
 def test_recipes_can_name_the_permutation_modifier():
-    recipe = load_recipe(RECIPES / "sparsegpt_2of4_learned.yaml")
+    recipe = load_recipe(RECIPES / "sparsegpt_2of4_permuted.yaml")
     assert [type(modifier).__name__ for modifier in recipe.modifiers] == [
         "LearnedPermutationModifier", "SparseGPTModifier"
     ]
