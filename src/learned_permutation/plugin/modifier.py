@@ -25,7 +25,7 @@ from learned_permutation.plugin.recipe_checks import (
     following_pruner,
     pruned_modules,
     resolve_score,
-    seed_calibration_order,
+    shuffles_unseeded,
 )
 from learned_permutation.plugin.pruner_aware import PrunerModel
 from learned_permutation.plugin.search import PermutationSearch, SearchSettings
@@ -211,8 +211,12 @@ class LearnedPermutationModifier(Modifier):
                 'containers (e.g. ["Linear"] or ["re:model.layers.\\d*$"]) and check ignore.'
             )
         check_finite_weights(model)
-        if seed_calibration_order(state.data.calib, self.seed):
-            logger.info(f"LearnedPermutationModifier: calibration shuffle seeded with seed={self.seed}")
+        if shuffles_unseeded(state.data.calib):
+            logger.warning(
+                "LearnedPermutationModifier: llm-compressor shuffles the calibration samples with an unseeded "
+                "sampler (shuffle_calibration_samples=True, its default), so two runs differ; pass "
+                "shuffle_calibration_samples=False to oneshot() for a reproducible run."
+            )
         tokens = check_calibration_tokens(state.data.calib)
         self._sites, self._pruner = sites, pruner
         logger.info(

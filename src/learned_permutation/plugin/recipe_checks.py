@@ -36,7 +36,7 @@ __all__ = [
     "following_pruner",
     "pruned_modules",
     "resolve_score",
-    "seed_calibration_order",
+    "shuffles_unseeded",
 ]
 
 PRUNER_SCORES = {"SparseGPTModifier": "sparsegpt", "WandaPruningModifier": "wanda"}
@@ -155,13 +155,10 @@ def check_calibration_tokens(dataloader: DataLoader | None) -> int:
     return tokens
 
 
-def seed_calibration_order(dataloader: DataLoader | None, seed: int) -> bool:
-    """Give llm-compressor's calibration shuffle (``shuffle_calibration_samples=True``, its default: a
-    ``RandomSampler`` with no generator, seeded from torch's global RNG at every pass) a generator
-    seeded with ``seed``, so which samples calibrate, in which order, is the same run to run.
-    Returns whether it seeded; a sampler that already has a generator is left alone."""
+def shuffles_unseeded(dataloader: DataLoader | None) -> bool:
+    """Whether calibration runs in a different order every run: llm-compressor's default
+    ``shuffle_calibration_samples=True`` samples with a ``RandomSampler`` that has no generator. A
+    modifier cannot seed it: ``state.data.calib`` is a deep copy of the dataloader the pipelines iterate
+    (``State.update(copy_data=True)`` in ``llmcompressor/core/state.py``)."""
     sampler = getattr(dataloader, "sampler", None)
-    if isinstance(sampler, RandomSampler) and sampler.generator is None:
-        sampler.generator = torch.Generator().manual_seed(seed)
-        return True
-    return False
+    return isinstance(sampler, RandomSampler) and sampler.generator is None
