@@ -19,6 +19,7 @@ from llmcompressor.utils.dev import get_main_device
 
 from learned_permutation.plugin.artifacts import write_artifacts_on_save
 from learned_permutation.plugin.recipe_checks import (
+    RecipeCheckError,
     check_calibration_tokens,
     check_finite_weights,
     check_solver_args,
@@ -53,7 +54,7 @@ class LearnedPermutationModifier(Modifier):
       sparsity_modifiers:
         LearnedPermutationModifier:
           mask_structure: "2:4"
-          method: learned
+          method: select
         SparseGPTModifier:
           sparsity: 0.5
           mask_structure: "2:4"
@@ -64,22 +65,19 @@ class LearnedPermutationModifier(Modifier):
     Lifecycle:
 
     - on_initialize
-        - check the architecture, recipe order, mask structure and calibration data
+        - check the architecture, recipe order, mask structure, targets, weights and
+          calibration data (before any forward pass)
         - discover the permutation sites (residual, per-layer mlp and attn_vo)
-    - on_calibration_start
-        - residual site: one forward pass over the calibration data gathers the input
-          energy of every targeted Linear, then its permutation is solved and folded
-          (before any pruner has seen an activation)
-        - register hooks that accumulate ``X^T X`` at each down_proj / o_proj input (and,
-          for ``learned``, the input energy of every targeted Linear)
-    - on_sequential_epoch_end
-        - for each layer just calibrated: solve the mlp and attn_vo permutations, fold
-          them, and re-index statistics that a pruner in the same pass already holds
-    - with ``method: learned`` (and ``end_to_end``) each site's candidates (identity, ria, greedy, learned;
-      ``restarts`` seeds of the last two for the residual site) are ranked by the
-      calibration loss of the model with the site's Linears pruned in simulation (all
-      targeted Linears for the residual site, the layer's own for the others), one forward
-      pass per candidate, and the best is folded (``learned_permutation.plugin.selection``)
+    - on_calibration_start (``learned_permutation.plugin.search``), before any pruner
+      has seen an activation
+        - one forward pass over ``sample_tokens`` calibration tokens: as each decoder layer
+          finishes, its mlp and attn_vo sites are decided from that layer alone and folded
+          (with ``select``: the candidate with the lowest output error after the pruner's
+          own pruning, SparseGPT's OBS update or Wanda's mask), and its residual readers
+          give sampled weight rows
+        - residual site: candidates solved on the sampled rows; with ``select`` each is
+          scored by the calibration loss of the model pruned in simulation (one forward
+          pass over the sample per candidate); the best is folded
     - on_calibration_end
         - remove hooks
     - on_finalize
@@ -88,9 +86,10 @@ class LearnedPermutationModifier(Modifier):
 
     :param mask_structure: ``"N:M"`` pattern the pruner will apply; must equal the
         pruner's. Quote it in YAML (unquoted ``2:4`` parses as the number 124).
-    :param method: solver: ``learned`` (Sinkhorn-relaxed permutation learning on the layer-wise
-        objective, then the end-to-end choice described above), ``greedy`` (channel swaps between groups),
-        ``ria`` (RIA's heuristic) or ``identity`` (no permutation; a control).
+    :param method: ``select`` (per site, the best of ``candidates`` as above) or one solver
+        for every site: ``greedy`` (channel swaps between groups), ``ria`` (RIA's heuristic),
+        ``learned`` (Sinkhorn-relaxed learning on the layer-wise objective) or ``identity``
+        (no permutation; a control).
     :param sites: which permutation sites to learn: any of ``residual`` (one permutation
         of the hidden dimension for the whole model), ``mlp`` (per-layer intermediate
         channels, consumed by down_proj) and ``attn_vo`` (per-layer, within each attention
@@ -102,14 +101,13 @@ class LearnedPermutationModifier(Modifier):
         the targets of the pruner that follows (``["Linear"]`` without one).
     :param ignore: modules excluded from the objective. Default: the pruner's ignore list
         (``["re:.*lm_head"]`` without one: the head is almost never pruned).
-    :param solver_args: extra keyword arguments for the solver (see
-        ``learned_permutation.math.solve_permutation``), e.g. ``{steps: 200}``.
-    :param restarts: ``method: learned`` only: seeds (``seed``, ``seed + 1``, ...) of the greedy
-        and learned residual-site candidates (0: identity and ria only); per-layer sites try one.
-    :param end_to_end: ``method: learned`` only: choose each site among candidates by the
-        simulated-pruning calibration loss (default). ``false`` keeps the learned solver's
-        layer-wise result: no extra forward passes, but on the models in ``docs/results.md``
-        its end-to-end quality is a lottery.
+    :param solver_args: keyword arguments of the solver (see
+        ``learned_permutation.math.solve_permutation``): for a single ``method`` that
+        solver's, e.g. ``{steps: 200}``; with ``select`` per candidate, e.g.
+        ``{greedy: {sweeps: 5}}``.
+    :param candidates: ``select`` only: the solvers compared at every site.
+    :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
+        still calibrates on the whole set).
     :param seed: seed for every random choice of the solvers.
     """
 
@@ -204,7 +202,7 @@ class LearnedPermutationModifier(Modifier):
         self._targeted = {module: name for name, module in pruned_modules(model, self._targets, self._ignore).items()}
         sites = find_sites(model, self._m, kinds=tuple(self.sites))
         if not any(self._objective_modules(site) for site in sites):
-            raise ValueError(
+            raise RecipeCheckError(
                 f"LearnedPermutationModifier: no consumer of the permutation sites {list(self.sites)} is pruned "
                 f"with targets={self._targets} and ignore={self._ignore} (resolved as SparseGPT/Wanda resolve "
                 "them), so there is nothing to permute for. Set targets to the pruned layers or their "
