@@ -106,7 +106,8 @@ def variant_grid(pruners, methods, patterns) -> list[Variant]:
 @dataclass(frozen=True)
 class EvalTexts:
     """``held_out``: in-domain text for perplexity and KL to dense; ``extra``: more perplexity texts
-    (name -> text), e.g. WikiText-2, each cut to its first ``max_windows`` windows (None: all)."""
+    (name -> text), e.g. WikiText-2, each cut to its first ``max_windows`` windows (None: all; the key
+    ``"held-out"`` cuts the held-out text)."""
 
     held_out: str
     extra: dict[str, str] = field(default_factory=dict)
@@ -223,7 +224,8 @@ class Comparison:
 
     def _evaluate(self, variant: Variant, model, result: Result) -> None:
         texts, seq_len, batch = self.texts, self.eval_seq_len, self.eval_batch_size
-        held_out = kl_divergence(self.dense, model, self.tokenizer, texts.held_out, seq_len, batch)
+        held_out = kl_divergence(self.dense, model, self.tokenizer, texts.held_out, seq_len, batch,
+                                 texts.max_windows.get("held-out"))
         result.ppl["held-out"], result.kl_to_dense = held_out.model.ppl, held_out.kl
         for label, text in texts.extra.items():
             windows = texts.max_windows.get(label)

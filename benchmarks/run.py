@@ -18,6 +18,7 @@ rank them.
     python benchmarks/run.py --repeats 3              # ... over three calibration sets
     python benchmarks/run.py --model llama-2m-gutenberg
     python benchmarks/run.py --model path/to/checkpoint --calibration text.txt --held-out val.txt
+    python benchmarks/run.py --model smollm2-135m     # the real model: benchmarks/real_model.py
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import real_model  # noqa: E402
 from repeats import seed_summary, seed_summary_table  # noqa: E402
 from training.corpus import load_books, split_books  # noqa: E402
 
@@ -134,7 +136,7 @@ def build_setup(args, seed: int) -> Setup:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded",
-                        help="embedded (stories260K), llama-2m-gutenberg, or a checkpoint directory")
+                        help="embedded (stories260K), llama-2m-gutenberg, smollm2-135m, or a checkpoint directory")
     parser.add_argument("--calibration", help="text/parquet file (only with a checkpoint directory)")
     parser.add_argument("--held-out", help="held-out text file (only with a checkpoint directory)")
     parser.add_argument("--pruners", nargs="+", default=list(PRUNER_LABELS), choices=list(PRUNER_LABELS))
@@ -155,6 +157,7 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the grid for this many calibration seeds (--seed, --seed+1, ...) and add mean/spread")
     parser.add_argument("--threads", type=int, default=1)
+    real_model.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -303,6 +306,8 @@ def run_grid(args, seed: int, wikitext: Path) -> tuple[Setup, list[Result]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.model == real_model.NAME:
+        return real_model.main(args)
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     torch.set_num_threads(args.threads)
