@@ -10,7 +10,7 @@ import pytest
 import torch
 from shared_helpers import TINY_LLAMA, shared_file
 
-from learned_permutation.tools.cli import main
+from learned_permutation_cli import main
 from learned_permutation.tools.compress import load_recipe
 from learned_permutation.tools.evaluation import check_nm_sparsity, kl_divergence, perplexity
 

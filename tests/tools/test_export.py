@@ -6,7 +6,6 @@ compressed-tensors 0.14.0.1 and vLLM 0.18.1 themselves in isolated environments.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from learned_permutation_cli import main
 from learned_permutation.tools.export import (
     ExportError,
-    add_export_command,
     decode_24_bitmask,
     encode_24_bitmask,
     export_checkpoint,
@@ -294,10 +293,8 @@ def test_existing_output_is_kept_unless_overwrite(sparse_dir, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_cli_exports_and_reports_refusals(sparse_dir, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_export_command(parser.add_subparsers())
-    args = parser.parse_args(["export", str(sparse_dir), str(tmp_path / "v"), "--format", "vllm-2of4"])
-    assert args.func(args) == 0 and (tmp_path / "v" / "config.json").is_file()
-    args = parser.parse_args(["export", str(sparse_dir), str(tmp_path / "v"), "--format", "vllm-2of4"])
-    assert args.func(args) == 2
+def test_cli_exports_and_reports_refusals(sparse_dir, tmp_path, capsys):
+    command = ["export", str(sparse_dir), str(tmp_path / "v"), "--format", "vllm-2of4"]
+    assert main(command) == 0 and (tmp_path / "v" / "config.json").is_file()
+    assert main(command) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -28,6 +28,7 @@ from learned_permutation.structure.offload import read_parameter, stored_tensor
 
 __all__ = [
     "MIN_CALIBRATION_TOKENS",
+    "RecipeCheckError",
     "PRUNER_SCORES",
     "check_calibration_tokens",
     "check_finite_weights",
@@ -38,6 +39,11 @@ __all__ = [
     "resolve_score",
     "shuffles_unseeded",
 ]
+
+class RecipeCheckError(ValueError):
+    """An input the modifier refuses before calibration (recipe, weights, calibration data); the message
+    names the fix. The CLI prints it as one ``error:`` line."""
+
 
 PRUNER_SCORES = {"SparseGPTModifier": "sparsegpt", "WandaPruningModifier": "wanda"}
 
@@ -67,13 +73,13 @@ def following_pruner(modifiers: list, modifier) -> SparsityModifierBase | None:
     if position is not None:
         earlier = [type(m).__name__ for i, m in pruners if i < position]
         if earlier:
-            raise ValueError(
+            raise RecipeCheckError(
                 f"{type(modifier).__name__} is placed after {earlier[0]} in the recipe. The pruner would "
                 f"prune before the permutation exists; move {type(modifier).__name__} before it."
             )
     pruner = next((m for i, m in pruners if position is None or i > position), None)
     if pruner is not None and pruner.mask_structure != modifier.mask_structure:
-        raise ValueError(
+        raise RecipeCheckError(
             f"mask_structure mismatch: {type(modifier).__name__} has \"{modifier.mask_structure}\" but "
             f'{type(pruner).__name__} has "{pruner.mask_structure}". The permutation is learned for one '
             "N:M pattern; set both to the same value."
@@ -89,7 +95,7 @@ def resolve_score(score: str, pruner) -> str:
         return "wanda"
     kind = PRUNER_SCORES.get(type(pruner).__name__)
     if kind is None:
-        raise ValueError(
+        raise RecipeCheckError(
             f"score='auto' cannot infer a score for {type(pruner).__name__}; set score to one "
             f"of {sorted(SCORE_KINDS)}."
         )
@@ -133,7 +139,7 @@ def check_finite_weights(model: nn.Module) -> None:
                 continue
             if not torch.isfinite(read_parameter(module, name, "cpu")).all():
                 tensor = f"{module_name}.{name}" if module_name else name
-                raise ValueError(
+                raise RecipeCheckError(
                     f"the model's weight {tensor} contains NaN or inf; the checkpoint is damaged or was "
                     "saved from a diverged run. Fix or re-export the checkpoint before pruning it."
                 )
@@ -146,7 +152,7 @@ def check_calibration_tokens(dataloader: DataLoader | None) -> int:
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     if tokens < MIN_CALIBRATION_TOKENS:
-        raise ValueError(
+        raise RecipeCheckError(
             f"the calibration data holds {tokens} tokens, fewer than the {MIN_CALIBRATION_TOKENS} that "
             "LearnedPermutationModifier needs to estimate channel statistics (empty or near-empty texts?). "
             "Pass more or longer calibration samples: dataset=..., num_calibration_samples=..., "

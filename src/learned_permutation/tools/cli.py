@@ -1,49 +1,38 @@
-"""The ``learned-permutation`` command line.
+"""Handlers of the ``learned-permutation`` subcommands (the parser is ``learned_permutation_cli``).
 
-Each subcommand is a function ``add_<name>_command(subparsers) -> ArgumentParser`` that adds its
-parser and sets ``func`` to a handler ``(args) -> exit code``; `COMMANDS` lists them, so a new
-subcommand is one such function appended there. Handlers import their heavy modules lazily, but
-importing the package itself loads llm-compressor (that import registers the modifier for recipes),
-so even ``--help`` takes several seconds on a CPU machine. Input errors print one line ``error: ...`` and exit with status 2.
+``run_command(args)`` runs the handler named by ``args.command``. Handlers import their heavy modules
+lazily. Input errors print one line ``error: ...`` and exit with status 2; unless ``--verbose``,
+third-party logs and progress bars are quieted (``learned_permutation.tools.logs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from learned_permutation.tools.data import MODEL_SAMPLES, InputError
-from learned_permutation.tools.export import add_export_command
+from learned_permutation.tools.data import InputError
+from learned_permutation.tools.logs import quiet_third_party_logs
 
 
 def _convert_llama2c(args: argparse.Namespace) -> int:
     from learned_permutation.tools.llama2c import Llama2cFormatError, convert_llama2c
+    from learned_permutation.tools.output import refuse_existing_output
 
     for path in (args.checkpoint, args.tokenizer_model):
         if not Path(path).is_file():
             raise InputError(f"file not found: {path}")
+    refused = refuse_existing_output(args.output_dir, args.overwrite)
+    if refused:
+        raise InputError(refused)
     try:
-        convert_llama2c(Path(args.checkpoint), Path(args.tokenizer_model), Path(args.output_dir))
+        convert_llama2c(Path(args.checkpoint), Path(args.tokenizer_model), Path(args.output_dir), args.overwrite)
     except Llama2cFormatError as error:
         raise InputError(str(error)) from error
     print(f"wrote {args.output_dir}")
     return 0
-
-
-def add_convert_llama2c_command(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "convert-llama2c",
-        help="convert a llama2.c checkpoint (e.g. stories260K) to a Hugging Face Llama directory",
-    )
-    parser.add_argument("checkpoint", help="llama2.c legacy-v0 .bin file")
-    parser.add_argument("tokenizer_model", help="the SentencePiece .model it was trained with")
-    parser.add_argument("output_dir", help="directory to write (model, config, tokenizer)")
-    parser.set_defaults(func=_convert_llama2c)
-    return parser
 
 
 def _oneshot(args: argparse.Namespace) -> int:
@@ -64,35 +53,6 @@ def _oneshot(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.output_dir}")
     return 0
-
-
-def add_oneshot_command(subparsers) -> argparse.ArgumentParser:
-    from learned_permutation.tools.compress import PIPELINES, PRECISIONS
-
-    parser = subparsers.add_parser(
-        "oneshot",
-        help="run an llm-compressor recipe on a local model with offline calibration data",
-        description="llmcompressor.oneshot with the LearnedPermutationModifier registered, offline data and "
-        "early checks of every input (see learned_permutation.tools.compress).",
-    )
-    parser.add_argument("model_dir", help="Hugging Face model directory (with its tokenizer)")
-    parser.add_argument("recipe", help="llm-compressor recipe YAML")
-    parser.add_argument(
-        "dataset",
-        help=f"calibration text: a text file (blank-line paragraphs), a .parquet file, or {MODEL_SAMPLES!r} "
-        "to sample text from the model itself",
-    )
-    parser.add_argument("--output-dir", required=True, help="where to save the compressed model")
-    parser.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
-    parser.add_argument("--pipeline", choices=PIPELINES, default="independent",
-                        help="llm-compressor calibration pipeline (default independent)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and row selection")
-    parser.add_argument("--text-column", default="text", help="text column of a parquet dataset")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="dtype to load the model in")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    parser.set_defaults(func=_oneshot)
-    return parser
 
 
 def _load_causal_lm(model_dir: str):
@@ -141,55 +101,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_command(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval",
-        help="perplexity of a checkpoint on a text file, optionally KL(reference || checkpoint)",
-        description="Token perplexity over non-overlapping BOS-prefixed windows (see "
-        "learned_permutation.tools.evaluation); with --reference, the mean KL divergence of the "
-        "checkpoint's next-token distributions from the reference's on the same tokens.",
-    )
-    parser.add_argument("model_dir", help="Hugging Face model directory")
-    parser.add_argument("text_file", help="UTF-8 text to evaluate on")
-    parser.add_argument("--format", choices=("plain", "wikitext"), default="plain",
-                        help="plain: the file as is; wikitext: WikiText raw rows joined by blank lines")
-    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first windows")
-    parser.add_argument("--reference", help="reference model directory (same tokenizer) for KL divergence")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.set_defaults(func=_eval)
-    return parser
+def _export(args: argparse.Namespace) -> int:
+    from learned_permutation.tools.export import ExportError, export_checkpoint
 
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
-    add_convert_llama2c_command,
-    add_oneshot_command,
-    add_eval_command,
-    add_export_command,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="learned-permutation",
-        description="Learned channel permutations for N:M sparsity, with llm-compressor.",
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_command in COMMANDS:
-        add_command(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every input is local; never reach for a hub
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        export_checkpoint(args.in_dir, args.out_dir, args.format, dtype=args.dtype, overwrite=args.overwrite)
+    except ExportError as error:
+        raise InputError(str(error)) from error
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert-llama2c": _convert_llama2c,
+    "oneshot": _oneshot,
+    "eval": _eval,
+    "export": _export,
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; an InputError becomes one ``error:`` line and status 2."""
+    if not args.verbose:
+        quiet_third_party_logs()
+    try:
+        return HANDLERS[args.command](args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,13 +4,17 @@ What it adds to a plain ``oneshot`` call:
 
 * recipes can name ``LearnedPermutationModifier``: importing this module imports the
   ``learned_permutation`` package, which registers it with llm-compressor (docs/architecture.md);
-* cheap checks before anything heavy is loaded: model directory, recipe (YAML, at least one modifier,
-  valid modifier arguments), calibration file, sample count, sequence length against the model's
-  ``max_position_embeddings``; each error says what is wrong and how to fix it;
+* cheap checks before anything heavy is loaded: model directory and its tokenizer, recipe (YAML, at
+  least one modifier, valid modifier arguments, and ``LearnedPermutationModifier``'s checks that need only
+  the recipe and config.json: recipe order, mask structure, architecture, divisibility of the sites),
+  calibration file, sample count, sequence length against the model's ``max_position_embeddings``; each
+  error says what is wrong and how to fix it;
 * calibration data from a text file, a parquet file or samples of the model itself (`data.py`), the
   rows chosen by a seeded shuffle and fed in a fixed order, so a run is reproducible under ``seed``;
-* the model is loaded here in ``precision`` (what ``oneshot(precision=...)`` would do), because
-  sampling calibration text needs it before ``oneshot`` starts.
+* the model is loaded here in ``precision`` (default: the checkpoint's own dtype), because sampling
+  calibration text needs it before ``oneshot`` starts;
+* the output is written to a folder beside ``output_dir`` and moved there only after success
+  (``output.py``), so a failed ``--overwrite`` run keeps the previous output.
 
 ``oneshot`` needs the model saved on disk (it reloads its config from ``name_or_path``) and a tokenizer
 next to it. Set ``HF_HUB_OFFLINE=1``: nothing here needs the hub.
@@ -18,17 +22,18 @@ next to it. Set ``HF_HUB_OFFLINE=1``: nothing here needs the hub.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from loguru import logger
 
-from learned_permutation.tools.data import MODEL_SAMPLES, InputError, file_dataset, sample_text_dataset
+from learned_permutation.tools.data import InputError, file_dataset, sample_text_dataset
+from learned_permutation.tools.output import refuse_existing_output, staged_output
+from learned_permutation_cli import MODEL_SAMPLES, PIPELINES, PRECISIONS
 
-PIPELINES = ("independent", "sequential", "basic")
-PRECISIONS = ("float32", "bfloat16", "float16")
+# Files any of which makes a folder's tokenizer loadable without a hub.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def check_model_dir(model_dir: str | Path):
@@ -44,6 +49,22 @@ def check_model_dir(model_dir: str | Path):
             "(convert llama2.c checkpoints first with `learned-permutation convert-llama2c`)"
         )
     return AutoConfig.from_pretrained(model_dir)
+
+
+def check_tokenizer_files(model_dir: str | Path) -> None:
+    """InputError unless ``model_dir`` holds a tokenizer (``oneshot`` needs one beside the model)."""
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
+            "into the folder (tokenizer.save_pretrained(model_dir))"
+        )
+
+
+def checkpoint_dtype(config) -> str:
+    """The dtype the checkpoint was saved in (config ``dtype``), float32 when the config does not say."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in PRECISIONS else "float32"
 
 
 def read_recipe_yaml(recipe_path: str | Path) -> dict:
@@ -70,7 +91,8 @@ def load_recipe(recipe_path: str | Path):
     try:
         recipe = Recipe.create_instance(str(recipe_path))
     except ValueError as error:  # unknown modifier, invalid modifier arguments (pydantic)
-        raise InputError(f"recipe {recipe_path} is invalid: {error}") from error
+        reasons = [detail["msg"] for detail in error.errors()] if hasattr(error, "errors") else [str(error)]
+        raise InputError(f"recipe {recipe_path} is invalid: {'; '.join(reasons)}") from error
     if not recipe.modifiers:
         raise InputError(
             f"recipe {recipe_path} defines no modifiers: llm-compressor reads them only as "
@@ -91,9 +113,14 @@ def check_seq_len(config, seq_len: int) -> None:
         )
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise InputError(f"output directory {output_dir} is not empty: choose another or allow overwriting")
+def check_recipe_for_model(recipe, config, recipe_path) -> None:
+    """InputError for what ``LearnedPermutationModifier`` would refuse at initialisation, from config.json."""
+    from learned_permutation.plugin.recipe_checks import check_recipe
+
+    try:
+        check_recipe(recipe.modifiers, config)
+    except ValueError as error:
+        raise InputError(f"recipe {recipe_path}: {error}") from error
 
 
 def _select_rows(dataset, num_samples: int, seed: int):
@@ -112,39 +139,48 @@ def run_oneshot(
     pipeline: str = "independent",
     seed: int = 0,
     text_column: str = "text",
-    precision: str = "float32",
+    precision: str = "auto",
     overwrite: bool = False,
 ):
     """Compress ``model_dir`` with the recipe at ``recipe_path``; save to ``output_dir``; return the model.
 
     ``dataset`` is a text file, a ``.parquet`` file (column ``text_column``) or ``"model-samples"``
     (``num_samples`` texts of ``seq_len`` tokens sampled from the model itself under ``seed``).
+    ``precision``: ``auto`` (the checkpoint's dtype) or a dtype name.
     """
     config = check_model_dir(model_dir)
+    check_tokenizer_files(model_dir)
     read_recipe_yaml(recipe_path)
     if num_samples <= 0:
         raise InputError(f"number of calibration samples must be positive, got {num_samples}")
     check_seq_len(config, seq_len)
     if pipeline not in PIPELINES:
         raise InputError(f"unknown pipeline {pipeline!r}; choose one of {PIPELINES}")
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    if precision not in ("auto", *PRECISIONS):
+        raise InputError(f"unknown precision {precision!r}; choose auto or one of {PRECISIONS}")
+    precision = checkpoint_dtype(config) if precision == "auto" else precision
+    refused = refuse_existing_output(output_dir, overwrite)
+    if refused:
+        raise InputError(refused)
     calibration = None if str(dataset) == MODEL_SAMPLES else file_dataset(dataset, text_column)
     recipe = load_recipe(recipe_path)
+    check_recipe_for_model(recipe, config, recipe_path)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, precision))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if calibration is None:
         calibration = sample_text_dataset(model, tokenizer, num_samples, seq_len, seed)
     calibration = _select_rows(calibration, num_samples, seed)
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)  # only now: a run that failed its checks leaves the old output alone
-    return compress(model, tokenizer, recipe, calibration, seq_len, output_dir, pipeline)
+    from learned_permutation.plugin.recipe_checks import RecipeCheckError
+
+    try:
+        with staged_output(output_dir) as staging:
+            return compress(model, tokenizer, recipe, calibration, seq_len, staging, pipeline)
+    except RecipeCheckError as error:  # refused at initialisation, from the weights or the calibration data
+        raise InputError(str(error)) from error
 
 
 def compress(model, tokenizer, recipe, calibration, seq_len: int, output_dir: str | Path | None, pipeline: str = "independent"):

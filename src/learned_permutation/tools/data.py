@@ -17,9 +17,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-MODEL_SAMPLES = "model-samples"
-"""Name of the calibration source that samples text from the model being compressed."""
-
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 SHARED_DATA_ENV = "LEARNED_PERMUTATION_SHARED_DATA"

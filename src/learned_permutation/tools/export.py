@@ -21,10 +21,8 @@ refused or failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,17 +31,18 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from learned_permutation.tools.output import staged_output
+from learned_permutation_cli import EXPORT_FORMATS
+
 __all__ = [
     "EXPORT_FORMATS",
     "ExportError",
-    "add_export_command",
     "decode_24_bitmask",
     "encode_24_bitmask",
     "export_checkpoint",
     "read_dense_weights",
 ]
 
-EXPORT_FORMATS = ("plain", "vllm-2of4")
 BITMASK_PARTS = ("compressed", "bitmask", "shape")
 KERNEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # compressed-tensors release whose sparse-24-bitmask layout we write (the last one that has it).
@@ -407,16 +406,6 @@ def _exported_config(config: dict, format: str, dtype: str | None, global_sparsi
     return _with_transformers4_keys(config)
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(previous / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(previous)
-    else:
-        staging.rename(out_dir)
-
-
 def export_checkpoint(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -436,46 +425,10 @@ def export_checkpoint(
     config = _read_config(in_dir)
     if format == "vllm-2of4":
         _refuse_quantized_for_2of4(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir) as staging:
         global_sparsity = _write_weights(in_dir, staging, format, dtype)
         exported = _exported_config(config, format, dtype, global_sparsity)
         _copy_side_files(in_dir, staging)
         (staging / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n")
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("exported {} as {} to {}", in_dir, format, out_dir)
     return out_dir
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run_export_command(args: argparse.Namespace) -> int:
-    try:
-        export_checkpoint(args.in_dir, args.out_dir, args.format, dtype=args.dtype, overwrite=args.overwrite)
-    except ExportError as error:
-        logger.error("{}", error)
-        return 2
-    return 0
-
-
-def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``export IN_DIR OUT_DIR --format {plain,vllm-2of4}``; the handler is ``args.func(args) -> int``."""
-    parser = subparsers.add_parser(
-        "export",
-        help="write a pruned checkpoint for a serving runtime",
-        description="plain: ordinary checkpoint for transformers, lm-eval and any vLLM. vllm-2of4: "
-        "compressed-tensors sparse-24-bitmask layout for vLLM 0.18.1's 2:4 kernels (Hopper GPUs).",
-    )
-    parser.add_argument("in_dir", help="checkpoint folder written by oneshot / save_pretrained")
-    parser.add_argument("out_dir", help="folder to create")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default="plain")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                        help="cast floating tensors (vllm-2of4 needs bfloat16 or float16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    parser.set_defaults(func=_run_export_command)
-    return parser

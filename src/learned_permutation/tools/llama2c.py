@@ -27,6 +27,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from learned_permutation.tools.output import refuse_existing_output, staged_output
+
 __all__ = [
     "EMBEDDED_MODEL_DIR",
     "Llama2cFormatError",
@@ -326,8 +328,12 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> Non
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def convert_llama2c(checkpoint: Path, tokenizer_model: Path, output_dir: Path) -> Path:
-    """Write a transformers Llama checkpoint (safetensors) plus tokenizer for a llama2.c legacy-v0 model."""
+def convert_llama2c(checkpoint: Path, tokenizer_model: Path, output_dir: Path, overwrite: bool = False) -> Path:
+    """Write a transformers Llama checkpoint (safetensors) plus tokenizer for a llama2.c legacy-v0 model.
+    A non-empty ``output_dir`` is replaced only with ``overwrite``, and only once the conversion succeeded."""
+    refused = refuse_existing_output(output_dir, overwrite)
+    if refused:
+        raise FileExistsError(refused)
     header, tensors = read_llama2c_checkpoint(Path(checkpoint))
     tokenizer = build_sentencepiece_tokenizer(Path(tokenizer_model), model_max_length=header.seq_len)
     if len(tokenizer) != header.vocab_size:
@@ -345,9 +351,9 @@ def convert_llama2c(checkpoint: Path, tokenizer_model: Path, output_dir: Path) -
         bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=tokenizer.pad_token_id
     )
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    _save_tokenizer(tokenizer, output_dir)
+    with staged_output(output_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        _save_tokenizer(tokenizer, staging)
     logger.info(f"converted {checkpoint} ({header}) -> {output_dir}")
     return output_dir
 
@@ -357,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="llama2.c legacy-v0 .bin file")
     parser.add_argument("tokenizer_model", type=Path, help="the SentencePiece .model it was trained with")
     parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     args = parser.parse_args(argv)
-    convert_llama2c(args.checkpoint, args.tokenizer_model, args.output_dir)
+    convert_llama2c(args.checkpoint, args.tokenizer_model, args.output_dir, args.overwrite)
 
 
 if __name__ == "__main__":
