@@ -29,6 +29,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VERBOSE = "--verbose" in sys.argv  # decided before the imports: quieting must precede them
+if not VERBOSE:
+    from learned_permutation_cli import quiet_environment
+
+    quiet_environment()
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -46,6 +51,7 @@ from comparison import (  # noqa: E402
 from learned_permutation.tools.data import sample_text_dataset, shared_data_dir  # noqa: E402
 from learned_permutation.tools.evaluation import wikitext_eval_text  # noqa: E402
 from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR  # noqa: E402
+from learned_permutation.tools.logs import quiet_third_party_logs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -78,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; the model is too small to gain from more, and on a busy "
                         "2-core machine two OpenMP threads made its matmuls up to 400x slower")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show llm-compressor's, transformers' and datasets' own logs and progress bars")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_third_party_logs()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -105,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
           f"held-out: {args.held_out_samples} model samples x {EVAL_SEQ_LEN} tokens (seed {HELD_OUT_SEED}); "
           f"evaluation windows of {EVAL_SEQ_LEN} tokens, wikitext2: "
           f"{'all' if not args.wikitext_windows else f'first {args.wikitext_windows}'} windows of the validation file")
-    print(results_table(results))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
-    print(f"\nresults in {args.output_dir / 'results.json'}; total {time.perf_counter() - started:.1f} s")
+    print(f"results in {args.output_dir / 'results.json'}; total {time.perf_counter() - started:.1f} s\n")
+    print(results_table(results))  # last, so it is what the screen shows when the demo ends
     return 0
 
 
