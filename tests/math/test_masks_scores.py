@@ -88,3 +88,9 @@ def test_consumer_rejects_bad_statistics():
 def test_nm_mask_keeps_exactly_n_even_with_ties(n, m):
     mask = nm_mask(torch.ones(3, 2 * m), n, m)
     assert (mask.reshape(3, 2, m).sum(-1) == n).all()
+
+
+def test_nm_mask_breaks_ties_deterministically_by_position():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False]]
+    assert torch.equal(nm_mask(scores.repeat(64, 1), 2, 4), nm_mask(scores, 2, 4).repeat(64, 1))

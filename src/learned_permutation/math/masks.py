@@ -37,10 +37,13 @@ def check_divisible(size: int, m: int, what: str = "channel count") -> None:
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean mask keeping the top-n scores of every m consecutive entries of the last dim."""
+    """Boolean mask keeping the top-n scores of every m consecutive entries of the last dim.
+
+    Equal scores are common (weights that come from 4-bit quantization share magnitudes), so ties are
+    broken deterministically: among equal scores the earlier entry is kept (a stable sort)."""
     check_nm(n, m)
     check_divisible(scores.shape[-1], m, "last dimension")
     grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
-    kept = grouped.topk(n, dim=-1).indices
+    kept = grouped.sort(dim=-1, descending=True, stable=True).indices[..., :n]
     mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, kept, True)
     return mask.reshape(scores.shape)

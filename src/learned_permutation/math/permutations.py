@@ -27,13 +27,3 @@ def check_permutation(perm: torch.Tensor, size: int, block_size: int | None = No
 def check_block_size(size: int, block_size: int) -> None:
     if block_size <= 0 or size % block_size:
         raise ValueError(f"block_size {block_size} must be positive and divide the channel count {size}")
-
-
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-    return inverse
-
-
-def identity_permutation(size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.arange(size, device=device)

@@ -24,17 +24,14 @@ class InputStatistics:
     def __init__(self, full: bool):
         self.full = full
         self.sums: dict[nn.Module, torch.Tensor] = {}
-        self.tokens: dict[nn.Module, int] = {}
 
     def accumulate(self, module: nn.Module, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         update = x.T @ x if self.full else x.square().sum(dim=0)
         if module in self.sums:
             self.sums[module] += update
-            self.tokens[module] += x.shape[0]
         else:
             self.sums[module] = update
-            self.tokens[module] = x.shape[0]
 
     def hook(self, module: nn.Module, args: tuple, _output) -> None:
         """Forward hook: the first positional argument is the Linear's input."""
@@ -53,7 +50,6 @@ class InputStatistics:
         for module in modules:
             if module in self.sums:
                 taken[module] = self.sums.pop(module)
-                self.tokens.pop(module)
         return taken
 
 

@@ -149,7 +149,7 @@ def wikitext_rows(path: str | Path) -> list[str]:
 
 def wikitext_eval_text(path: str | Path) -> str:
     """WikiText text for perplexity the way the pruning literature builds it (GPTQ, SparseGPT, Wanda,
-    and the LLaMA-2 anchors in DESIGN.md): ``"\\n\\n".join`` of the Hugging Face rows. Used everywhere
+    whose LLaMA-2 numbers docs/results.md cites): ``"\\n\\n".join`` of the Hugging Face rows. Used everywhere
     in this project, so our WikiText numbers share one preprocessing."""
     return "\n\n".join(wikitext_rows(path))
 

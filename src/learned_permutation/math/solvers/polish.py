@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import nm_mask
+
 SEGMENT_CHUNK_ELEMENTS = 1 << 20  # gathered [segments, rows, pairs, 2M] elements per chunk: cache-sized
 
 
@@ -62,7 +64,5 @@ def swap_gains(
 
 
 def kept_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The pruner's top-n of every m consecutive entries of the last dim, as 0/1 floats."""
-    grouped = scores.reshape(*scores.shape[:-1], -1, m)
-    kept = torch.zeros_like(grouped).scatter_(-1, grouped.topk(n, dim=-1).indices, 1.0)
-    return kept.reshape(scores.shape)
+    """``nm_mask`` as 0/1 floats of the scores' dtype, for products with weights."""
+    return nm_mask(scores, n, m).to(scores.dtype)
