@@ -181,14 +181,14 @@ def run_variant(args, variant: Variant) -> dict:
     with log.open("w") as handle:
         child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            over_budget = wait_for(child, args, variant, checkpoint, started)
+            over_budget, passes = wait_for(child, args, variant, checkpoint, started, progress)
         finally:  # the runner itself stopped (Ctrl-C, SIGTERM): take the child's process group with it
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
     if over_budget:
         sites = completed_sites(log)
         data = {"status": "did not finish", "key": variant_key(variant), "budget_min": args.budget_min,
-                "sites_completed": sites, "whole_model_passes": whole_model_passes(progress),
+                "sites_completed": sites, "whole_model_passes": passes,
                 "result": Result(variant.name, variant.pruner, variant.method, variant.pattern).to_json(),
                 **provenance(args)}
         write_json(out, data)
@@ -202,22 +202,26 @@ def run_variant(args, variant: Variant) -> dict:
         return data
     data = json.loads(out.read_text())
     data["sites_completed"] = completed_sites(log)
-    data["whole_model_passes"] = whole_model_passes(progress)
+    data["whole_model_passes"] = passes
     write_json(out, data)
     return data
 
 
-def wait_for(child, args, variant: Variant, checkpoint: Path, started: float) -> bool:
-    """Until the child exits; past the budget with no saved checkpoint (oneshot unfinished) it is killed
-    and True returned."""
+def wait_for(child, args, variant: Variant, checkpoint: Path, started: float, progress: Path) -> tuple[bool, int | None]:
+    """Until the child exits. Returns (killed for the budget: past it with no saved checkpoint, i.e.
+    oneshot unfinished; whole-model passes made by then or until the checkpoint appeared, i.e. during
+    oneshot, not evaluation; None for the dense row)."""
+    passes = None
     while child.poll() is None:
-        time.sleep(5)
-        over = time.perf_counter() - started > 60 * args.budget_min
-        if variant.pruner is not None and over and not (checkpoint / "config.json").exists():
+        time.sleep(2)
+        saved = (checkpoint / "config.json").exists()
+        if variant.pruner is not None and passes is None and saved:
+            passes = whole_model_passes(progress)
+        if variant.pruner is not None and not saved and time.perf_counter() - started > 60 * args.budget_min:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-            return True
-    return False
+            return True, whole_model_passes(progress)
+    return False, passes
 
 
 def wants_redo(variant: Variant, redo: list[str]) -> bool:
@@ -271,7 +275,7 @@ def markdown_table(rows: list[dict]) -> str:
     fill_gap_closed([r for r, row in zip(results, rows) if row["status"] == "done"])
     tasks = [t for t in ZEROSHOT_TASKS if any((row.get("zeroshot") or {}).get(t) for row in rows)]
     header = ["variant", "WikiText-2 ppl", "C4 ppl", "KL to dense", "gap closed wt2 / C4",
-              *(f"{ZEROSHOT_SHORT[t]} acc" for t in tasks), "zero-shot mean", "perm s", "pruner s", "oneshot s"]
+              *(f"{ZEROSHOT_SHORT[t]} acc" for t in tasks), "zero-shot mean", "perm s", "pruner s", "oneshot s", "passes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, result in zip(rows, results):
         if row["status"] != "done":
@@ -287,7 +291,7 @@ def markdown_table(rows: list[dict]) -> str:
             *(fmt(zeroshot.get(t, {}).get("acc"), ".2f") for t in tasks),
             fmt(sum(accs) / len(accs) if accs and len(accs) == len(tasks) else None, ".3f"),
             fmt(result.permutation_seconds, ".0f"), fmt(result.pruner_seconds, ".0f"),
-            fmt(result.oneshot_seconds, ".0f"),
+            fmt(result.oneshot_seconds, ".0f"), fmt(row.get("whole_model_passes") if result.pruner else None, "d"),
         ]) + " |")
     return "\n".join(lines)
 
@@ -329,7 +333,8 @@ first N = {', '.join(map(str, zeroshot_n)) or '-'} items of each local task (`ar
 (at N = 100 one item is 1 point; the standard error of an accuracy near 0.5 is about 5 points). *gap
 closed*: share of the same pruner's unpermuted perplexity gap to dense that the permutation closes.
 *perm s*: the permutation modifier's own time; *pruner s*: the rest of `oneshot` (calibration passes,
-pruner, save); *oneshot s*: both. A variant whose `oneshot` has not finished after {args.budget_min:g}
+pruner, save); *oneshot s*: both; *passes*: whole-model (decoder) forward passes during `oneshot`, counted by a hook
+(llm-compressor's own pipelines run layer by layer, so these are the permutation method's). A variant whose `oneshot` has not finished after {args.budget_min:g}
 minutes is stopped and listed as not finished, with the sites it completed and the whole-model forward
 passes it made.
 

@@ -17,7 +17,11 @@ def test_budget_kills_a_child_whose_oneshot_has_not_finished(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     args = SimpleNamespace(budget_min=0.01)
     started = time.perf_counter()
-    assert real_model.wait_for(child, args, Variant("wanda", "learned"), tmp_path / "no-checkpoint", started)
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text('{"seconds": 1.0, "passes": 1}\n{"seconds": 2.0, "passes": 2}\n')
+    killed, passes = real_model.wait_for(child, args, Variant("wanda", "learned"), tmp_path / "no-checkpoint",
+                                         started, progress)
+    assert killed and passes == 2
     assert child.returncode is not None and time.perf_counter() - started < 30
 
 
@@ -25,8 +29,9 @@ def test_a_saved_checkpoint_stops_the_clock(tmp_path):
     """Past the budget but with the checkpoint saved, the child (now evaluating) runs to its end."""
     (tmp_path / "config.json").write_text("{}")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(6)"], start_new_session=True)
-    assert not real_model.wait_for(child, SimpleNamespace(budget_min=0.001), Variant("wanda", "learned"),
-                                   tmp_path, time.perf_counter())
+    killed, passes = real_model.wait_for(child, SimpleNamespace(budget_min=0.001), Variant("wanda", "learned"),
+                                         tmp_path, time.perf_counter(), tmp_path / "no-progress.jsonl")
+    assert not killed and passes == 0
     assert child.returncode == 0
 
 
