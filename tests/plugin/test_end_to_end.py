@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from test_modifier import logits, run_oneshot, weights
 from test_selection import batches, input_energy, targeted_linears, wanda_prune_in_storage_order
 
 from learned_permutation.math.permutations import check_permutation
-from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, fold_learned, split_sample
+from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_aware import PrunerModel
 from learned_permutation.plugin.selection import calibration_sample, next_token_loss
-from learned_permutation.structure import find_sites
+from learned_permutation.structure import find_sites, fold_permutation
 from tiny_models import build_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learned_permutation import REPORT_FILE, LearnedPermutationModifier, fold_saved_permutations
+from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR
 
 N, M = 2, 4
 WANDA = PrunerModel("wanda", N, M)
@@ -59,7 +65,8 @@ def test_simulated_hard_permutation_is_what_the_folded_pruned_model_computes(kin
     simulated = learning.loss(batch, learning._dense_targets(batch), orders)["ce"]
 
     folded = copy.deepcopy(model)
-    fold_learned(folded, find_sites(folded, M, kinds=kinds), orders)
+    for site in find_sites(folded, M, kinds=kinds):
+        fold_permutation(folded, site, orders[site.name])
     wanda_prune_in_storage_order(folded, input_energy(folded, data))
     assert simulated == pytest.approx(next_token_loss(folded, [batch]), rel=1e-4)
     assert "forward" not in model.model.layers[0].__dict__  # the patched forwards are gone
@@ -128,3 +135,41 @@ def test_split_sample_keeps_held_out_rows_apart_and_batches_bounded():
 def test_budget_knobs_are_validated(knobs, message):
     with pytest.raises(ValueError, match=message):
         EndToEndArgs(**knobs)
+
+
+@pytest.fixture(scope="module")
+def outlier_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("outliers")
+    outlier_model().save_pretrained(directory)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR).save_pretrained(directory)
+    return directory
+
+
+E2E_BUDGET = dict(steps=12, lr=0.2, train_tokens=192, batch_tokens=96, held_out_tokens=64, checks=2)
+
+
+def test_objective_model_folds_the_learned_order_on_top_and_saves_the_composition(outlier_dir, tmp_path):
+    """Permutation only (no pruner): the model still computes what the dense one did, the end-to-end
+    stage moved channels after the layer-wise one, and the saved permutations (their composition) put
+    the dense model exactly in the checkpoint's order."""
+    modifier = LearnedPermutationModifier(mask_structure="2:4", objective="model", end_to_end=E2E_BUDGET)
+    permuted = run_oneshot(outlier_dir, modifier, output_dir=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["end_to_end"]
+    assert report["sites"] == ["residual"] and report["moved_channels"]["residual"] > 0
+    assert report["held_out_losses"][report["chosen"]] < report["held_out_losses"]["start"]
+
+    dense = AutoModelForCausalLM.from_pretrained(outlier_dir, dtype=torch.float32)
+    assert (logits(permuted) - logits(dense)).abs().max() <= 1e-4 * logits(dense).abs().max()
+    fold_saved_permutations(dense, tmp_path / "out")
+    assert all(torch.equal(value, weights(permuted)[key]) for key, value in weights(dense).items())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"end_to_end": {"steps": 5}}, "objective is 'layer'"),
+    ({"objective": "model", "sites": ["mlp"]}, r"\['residual'\] are not among"),
+    ({"objective": "model", "end_to_end": {"block": 6}}, "multiple of M=4 that divides"),
+    ({"objective": "model", "end_to_end": {"held_out_tokens": 4096, "train_tokens": 4096}}, "holds 256"),
+])
+def test_end_to_end_fields_are_checked_before_calibration(outlier_dir, fields, message):
+    with pytest.raises(ValueError, match=message):
+        run_oneshot(outlier_dir, LearnedPermutationModifier(mask_structure="2:4", **fields))

@@ -52,7 +52,7 @@ from learned_permutation.math.straight_through import (
 )
 from learned_permutation.plugin.pruner_aware import PrunerModel
 from learned_permutation.plugin.selection import HEAD_CHUNK_TOKENS
-from learned_permutation.structure import PermutationSite, fold_permutation
+from learned_permutation.structure import PermutationSite
 
 __all__ = ["EndToEndArgs", "EndToEndLearning", "split_sample"]
 
@@ -378,9 +378,3 @@ def _instance_forward(module: nn.Module, forward):
         else:
             del module.forward
 
-
-def fold_learned(model: nn.Module, sites: list[PermutationSite], perms: dict[str, torch.Tensor]) -> None:
-    """Fold each site's learned permutation (over its current channel order)."""
-    for site in sites:
-        if not torch.equal(perms[site.name], torch.arange(site.size)):
-            fold_permutation(model, site, perms[site.name])

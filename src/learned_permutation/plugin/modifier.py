@@ -18,6 +18,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifier
 from llmcompressor.utils.dev import get_main_device
 
 from learned_permutation.plugin.artifacts import write_artifacts_on_save
+from learned_permutation.plugin.end_to_end import EndToEndArgs
 from learned_permutation.plugin.recipe_checks import (
     RecipeCheckError,
     check_calibration_tokens,
@@ -78,6 +79,12 @@ class LearnedPermutationModifier(Modifier):
         - residual site: candidates solved on the sampled rows; with ``select`` each is
           scored by the calibration loss of the model pruned in simulation (one forward
           pass over the sample per candidate); the best is folded
+        - with ``objective: model``: from that result, permutations of ``end_to_end.sites``
+          trained through the whole pruned model (``learned_permutation.plugin.end_to_end``):
+          Sinkhorn-relaxed cost logits, the pruner's N:M mask in the hard order with a
+          straight-through gradient, next-token CE + KL to the dense model, Adam on the
+          logits only, ``end_to_end.steps`` steps; folded on top only if the hard result
+          beats the start on held-out calibration rows
     - on_calibration_end
         - remove hooks
     - on_finalize
@@ -109,6 +116,26 @@ class LearnedPermutationModifier(Modifier):
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param seed: seed for every random choice of the solvers.
+    :param objective: ``layer`` (the default: decide from layer statistics and, at the
+        residual, by ranking candidates on the calibration loss; no training) or ``model``
+        (then also train the permutations of ``end_to_end.sites`` through the whole pruned
+        model, starting from the ``layer`` result; budget and loss in ``end_to_end``).
+    :param end_to_end: ``objective: model`` only: its sites, step and token budget and loss
+        weights (``learned_permutation.plugin.end_to_end.EndToEndArgs``), e.g.
+
+    ```yaml
+    LearnedPermutationModifier:
+      mask_structure: "2:4"
+      objective: model
+      end_to_end:
+        sites: [residual]
+        steps: 100            # Adam steps on the cost logits
+        train_tokens: 4096    # calibration tokens trained on, in batches of batch_tokens
+        batch_tokens: 1024
+        held_out_tokens: 1024 # other calibration rows, for the never-worse check
+        ce: 1.0               # loss = ce * cross-entropy + kl * KL(dense || pruned)
+        kl: 1.0
+    ```
     """
 
     # The modifier runs its own bounded passes over a calibration sample (plugin/search.py) at
@@ -128,6 +155,8 @@ class LearnedPermutationModifier(Modifier):
     )
     sample_tokens: int = Field(default=8192, ge=64)
     seed: int = 0
+    objective: Literal["layer", "model"] = "layer"
+    end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
 
     _n: int = PrivateAttr()
     _m: int = PrivateAttr()
@@ -175,6 +204,17 @@ class LearnedPermutationModifier(Modifier):
         return value
 
     @model_validator(mode="after")
+    def _check_end_to_end(self):
+        if self.objective != "model":
+            if "end_to_end" in self.model_fields_set:
+                raise ValueError("end_to_end is set but objective is 'layer'; add objective: model to train it")
+            return self
+        missing = [kind for kind in self.end_to_end.sites if kind not in self.sites]
+        if missing:
+            raise ValueError(f"end_to_end.sites {missing} are not among the modifier's sites {self.sites}")
+        return self
+
+    @model_validator(mode="after")
     def _check_solver_args(self):
         if self.method != "select":
             check_solver_args(self.method, self.solver_args)
@@ -216,6 +256,8 @@ class LearnedPermutationModifier(Modifier):
                 "shuffle_calibration_samples=False to oneshot() for a reproducible run."
             )
         tokens = check_calibration_tokens(state.data.calib)
+        if self.objective == "model":
+            self._check_end_to_end_budget(sites, tokens)
         self._sites, self._pruner = sites, pruner
         logger.info(
             f"LearnedPermutationModifier: {len(sites)} sites, method={self.method}, "
@@ -234,12 +276,16 @@ class LearnedPermutationModifier(Modifier):
                 pruner=PrunerModel.following(self._pruner, self._score_kind, self._n, self._m),
                 seed=self.seed,
                 solver_args=self.solver_args if self.method == "select" else {self.method: self.solver_args},
+                end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
             self._names,
         )
         start = time.perf_counter()
-        self._search.run(calibration_sample(state.data.calib, self.sample_tokens), get_main_device())
+        end_to_end_sample = None
+        if self.objective == "model":
+            end_to_end_sample = calibration_sample(state.data.calib, self.end_to_end.train_tokens + self.end_to_end.held_out_tokens)
+        self._search.run(calibration_sample(state.data.calib, self.sample_tokens), get_main_device(), end_to_end_sample)
         self._search.phases["total"] = time.perf_counter() - start
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -269,6 +315,7 @@ class LearnedPermutationModifier(Modifier):
             "total_seconds": round(search.phases.get("total", 0.0), 3) if search else 0.0,
             "phase_seconds": {k: round(v, 3) for k, v in search.phases.items() if k != "total"} if search else {},
             "sites": list(search.report) if search else [],
+            **({"end_to_end": search.end_to_end_report} if search and search.end_to_end_report else {}),
         }
 
     # ------------------------------------------------------------------ recipe checks
@@ -286,6 +333,22 @@ class LearnedPermutationModifier(Modifier):
         targets = self.targets if self.targets is not None else getattr(pruner, "targets", ["Linear"])
         ignore = self.ignore if self.ignore is not None else getattr(pruner, "ignore", ["re:.*lm_head"])
         return ([targets] if isinstance(targets, str) else list(targets)), list(ignore)
+
+    def _check_end_to_end_budget(self, sites: list[PermutationSite], tokens: int) -> None:
+        """Blocks that tile the learned sites in whole N:M groups, and data for the held-out rows."""
+        for site in (s for s in sites if s.kind in self.end_to_end.sites):
+            block = self.end_to_end.block_for(site)
+            if site.size % block or block % self._m:
+                raise RecipeCheckError(
+                    f"end_to_end.block={block} must be a multiple of M={self._m} that divides the {site.size} "
+                    f"channels of site {site.name}; choose another block or leave it unset (the whole site)"
+                )
+        if tokens < self.end_to_end.held_out_tokens + 64:
+            raise RecipeCheckError(
+                f"objective: model keeps end_to_end.held_out_tokens={self.end_to_end.held_out_tokens} calibration "
+                f"tokens apart for its check and trains on the rest, but the calibration data holds {tokens}; "
+                "lower held_out_tokens or pass more calibration data"
+            )
 
     def _objective_modules(self, site: PermutationSite) -> list[nn.Module]:
         """Consumers of the site that the pruner will actually prune (``_targeted``, resolved as the pruner does)."""

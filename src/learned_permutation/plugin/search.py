@@ -13,6 +13,9 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    pruned in simulation on the same sample (``plugin/selection.py``): one forward per candidate.
 
 So the cost is ``1 + candidates`` forwards over the sample plus the solves, whatever the depth.
+
+3. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
+   model on its calibration loss (``plugin/end_to_end.py``), folded on top when they beat it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.math import reconstruction_error, solve_permutation
+from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_error
 from learned_permutation.plugin.residual_sample import ReaderRowSample
 from learned_permutation.plugin.selection import SimulatedPruning, next_token_loss
@@ -44,12 +48,14 @@ __all__ = ["SearchSettings", "PermutationSearch"]
 @dataclass(frozen=True)
 class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
-    more than one; ``solver_args`` maps a solver name to its knobs."""
+    more than one; ``solver_args`` maps a solver name to its knobs; ``end_to_end``: the budget of the
+    end-to-end learning that follows (None: none)."""
 
     candidates: tuple[str, ...]
     pruner: PrunerModel
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
+    end_to_end: EndToEndArgs | None = None
 
 
 class PermutationSearch:
@@ -73,15 +79,19 @@ class PermutationSearch:
         self.report: list[dict] = []
         self.permutations: dict[str, torch.Tensor] = {}
         self.phases: dict[str, float] = {}
+        self.end_to_end_report: dict | None = None
 
     # ------------------------------------------------------------------ entry point
 
-    def run(self, sample: dict, device: torch.device | str) -> None:
+    def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
+        """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
         energy, readers = self._layer_pass(sample, device)
         self.phases["layer pass (statistics, per-layer sites)"] = time.perf_counter() - start
         if self.residual is not None:
             self._decide_residual(sample, device, energy, readers)
+        if self.settings.end_to_end is not None:
+            self._learn_end_to_end(end_to_end_sample, device, energy)
 
     # ------------------------------------------------------------------ layer pass
 
@@ -172,6 +182,23 @@ class PermutationSearch:
         selection = {"candidate_calibration_losses": losses, "chosen_candidate": chosen} if losses else {}
         self._fold(site, candidates[chosen], readers.consumers, energy, selection, None, start,
                    sampled_rows=readers.sampled_rows)
+
+    # ------------------------------------------------------------------ end to end
+
+    def _learn_end_to_end(self, sample: dict, device, energy: InputStatistics) -> None:
+        """Train further permutations of the chosen sites through the pruned model; fold them on top."""
+        start, args = time.perf_counter(), self.settings.end_to_end
+        sites = [s for s in [self.residual, *self.layer_sites] if s is not None and s.kind in args.sites and self.targeted(s)]
+        train, held_out = split_sample(sample, args.held_out_tokens, args.batch_tokens)
+        act_sq = {module: energy.sums[module] for module in self.pruned if module in energy.sums}
+        learning = EndToEndLearning(self.model, sites, self.pruned, act_sq, self.settings.pruner, args, device)
+        learned, self.end_to_end_report = learning.run(train, held_out)
+        for site in sites:
+            fold_permutation(self.model, site, learned[site.name])
+            for named in site.consumer_modules:
+                energy.permute_inputs(named.module, site.consumer_column_index(learned[site.name]))
+            self.permutations[site.name] = self.permutations[site.name][learned[site.name]]
+        self.phases["end-to-end learning"] = time.perf_counter() - start
 
     # ------------------------------------------------------------------ shared
 
