@@ -45,8 +45,11 @@ def check(condition: bool, message: str) -> None:
 
 
 def read(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights as transformers finds them: the files the index names, else model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else [folder / "model.safetensors"]
     tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in files:
         with safe_open(file, framework="pt") as reader:
             tensors.update({name: reader.get_tensor(name) for name in reader.keys()})
     return tensors

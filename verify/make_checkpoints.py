@@ -5,6 +5,11 @@ own WandaPruningModifier through oneshot, saved bf16 the way llm-compressor 0.14
 exported by our exporter as ``plain`` and ``vllm-2of4``. ``reference.pt`` keeps a text, its token ids
 and the dense checkpoint's logits, computed by transformers 5, for the other stacks to compare against.
 
+The same model also goes through the project's FP8 recipes (permutation, 2:4 pruning, then
+llm-compressor's QuantizationModifier): ``fp8-dynamic`` (recipes/wanda_2of4_fp8_dynamic_permuted.yaml)
+and ``fp8-static`` (recipes/sparsegpt_2of4_fp8_static_permuted.yaml), saved as llm-compressor saves
+them, each exported as ``<name>-2of4``.
+
 Usage: python verify/make_checkpoints.py WORK_DIR
 """
 
@@ -19,6 +24,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 256
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FP8_RECIPES = {"fp8-dynamic": "wanda_2of4_fp8_dynamic_permuted.yaml", "fp8-static": "sparsegpt_2of4_fp8_static_permuted.yaml"}
 RECIPE = """
 sparsity_stage:
   sparsity_modifiers:
@@ -68,16 +75,20 @@ def main(work: Path) -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    import learned_permutation  # noqa: F401  (registers LearnedPermutationModifier for the FP8 recipes)
     from learned_permutation.tools.export import export_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     save_dense_model(work / "initial")
-    oneshot(
-        model=str(work / "initial"), dataset=calibration_texts(), recipe=RECIPE, output_dir=str(work / "pruned"),
-        num_calibration_samples=16, max_seq_length=48, precision="bfloat16",
-    )
+    for name, recipe in {"pruned": RECIPE, **{key: str(RECIPES / file) for key, file in FP8_RECIPES.items()}}.items():
+        oneshot(
+            model=str(work / "initial"), dataset=calibration_texts(), recipe=recipe, output_dir=str(work / name),
+            num_calibration_samples=16, max_seq_length=48, precision="bfloat16", shuffle_calibration_samples=False,
+        )
     export_checkpoint(work / "pruned", work / "plain", "plain", overwrite=True)
     export_checkpoint(work / "pruned", work / "vllm-2of4", "vllm-2of4", overwrite=True)
+    for name in FP8_RECIPES:
+        export_checkpoint(work / name, work / f"{name}-2of4", "vllm-2of4", overwrite=True)
 
     from transformers import AutoTokenizer
 
@@ -87,7 +98,8 @@ def main(work: Path) -> None:
     with torch.no_grad():
         reference = {"text": text, "token_ids": token_ids, "logits": model(token_ids).logits}
     torch.save(reference, work / "reference.pt")
-    print(f"checkpoints in {work}: pruned (llm-compressor output), plain, vllm-2of4, reference.pt")
+    print(f"checkpoints in {work}: pruned, {', '.join(FP8_RECIPES)} (llm-compressor output), plain, vllm-2of4, "
+          f"{', '.join(f'{name}-2of4' for name in FP8_RECIPES)}, reference.pt")
 
 
 if __name__ == "__main__":
