@@ -56,6 +56,8 @@ def add_arguments(parser) -> None:
                         help="a variant's oneshot is stopped after this many minutes and reported as not finished")
     parser.add_argument("--redo", nargs="*", default=[],
                         help="methods (or 'dense', or 'all') to run again although cached")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.md/json from the cached variants; run nothing")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # set by the parent for its child
 
 
@@ -149,10 +151,19 @@ def write_json(path: Path, data: dict) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
+def run_command() -> str:
+    """This benchmark's command line, without the parent-to-child ``--variant`` and ``--report-only``."""
+    argv = sys.argv[1:]
+    if "--variant" in argv:
+        index = argv.index("--variant")
+        argv = argv[:index] + argv[index + 2:]
+    return "python benchmarks/run.py " + " ".join(arg for arg in argv if arg != "--report-only")
+
+
 def provenance(args) -> dict:
     from run import source_revision
 
-    return {"commit": source_revision(), "finished": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+    return {"commit": source_revision(), "command": run_command(), "finished": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), "
                        f"torch {torch.__version__}"}
 
@@ -230,9 +241,9 @@ def wants_redo(variant: Variant, redo: list[str]) -> bool:
 
 def run_grid(args) -> int:
     grid = variant_grid(args.pruners, args.methods, args.patterns)
-    # per pattern, every baseline before the slowest method
+    # pattern by pattern, pruner by pruner, the slowest method last in each
     grid.sort(key=lambda v: (v.pruner is not None, args.patterns.index(v.pattern) if v.pruner else 0,
-                             v.method == "learned"))
+                             args.pruners.index(v.pruner) if v.pruner else 0, v.method == "learned"))
     for variant in grid:
         out = variant_file(args, variant)
         if out.is_file() and not wants_redo(variant, args.redo) and json.loads(out.read_text())["status"] != "failed":
@@ -250,7 +261,11 @@ def run_grid(args) -> int:
 
 
 def load_rows(args) -> list[dict]:
+    """Every cached variant, plus a "not yet run" row for each variant of this command's grid without one."""
     rows = [json.loads(path.read_text()) for path in sorted((args.output_dir / NAME / "variants").glob("*.json"))]
+    cached = {row["result"]["name"] for row in rows}
+    rows += [{"status": "not yet run", "result": Result(v.name, v.pruner, v.method, v.pattern).to_json()}
+             for v in variant_grid(args.pruners, args.methods, args.patterns) if v.name not in cached]
     order = {name: i for i, name in enumerate(v.name for v in variant_grid(list(PRUNER_LABELS), list_methods(), ["2:4", "4:8"]))}
     return sorted(rows, key=lambda row: order.get(row["result"]["name"], len(order)))
 
@@ -297,6 +312,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def status_text(row: dict) -> str:
+    if row["status"] == "not yet run":
+        return "not yet run"
     if row["status"] == "failed":
         return f"failed (exit {row['returncode']}; the log's tail is in its variants/ file)"
     sites = row.get("sites_completed", [])
@@ -310,16 +327,18 @@ def write_report(args) -> None:
     if not rows:
         return
     out = args.output_dir / NAME
-    command = "python benchmarks/run.py " + " ".join(a for a in sys.argv[1:])
-    commits = sorted({row["commit"] for row in rows})
-    dates = sorted({row["finished"] for row in rows})
-    machines = sorted({row["machine"] for row in rows})
+    command = run_command()
+    others = sorted({row["command"] for row in rows if row.get("command", command) != command})
+    ran = [row for row in rows if "commit" in row]
+    commits = sorted({row["commit"] for row in ran})
+    dates = sorted({row["finished"] for row in ran})
+    machines = sorted({row["machine"] for row in ran})
     zeroshot_n = sorted({v["n"] for row in rows for v in (row.get("zeroshot") or {}).values()})
     (out / "results.json").write_text(json.dumps({"model": NAME, "rows": rows}, indent=2) + "\n")
     (out / "results.md").write_text(f"""# Benchmark: SmolLM2-135M-Instruct
 
 Written by `benchmarks/run.py --model {NAME}` from the per-variant files in `variants/`; do not edit by
-hand. Last command: `{command.strip()}`. Rows finished {dates[0]} to {dates[-1]}, at commit(s)
+hand. Command: `{command}`{''.join(f"; some rows: `{other}`" for other in others)}. Rows finished {dates[0]} to {dates[-1]}, at commit(s)
 {', '.join(f'`{c}`' for c in commits)}; machine(s): {'; '.join(machines)}.
 
 Model: SmolLM2-135M-Instruct (134.5M parameters, Apache-2.0), de-quantized to float32 from the Q4_1 GGUF
@@ -346,5 +365,8 @@ def main(args) -> int:
     torch.set_num_threads(args.threads)
     if args.variant:
         return run_child(args)
+    if args.report_only:
+        write_report(args)
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_variant's cleanup
     return run_grid(args)
