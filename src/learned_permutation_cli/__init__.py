@@ -57,6 +57,10 @@ def _add_oneshot(subparsers) -> None:
                         help="dtype to load the model in (default auto: the checkpoint's own dtype)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty output directory (only once the run succeeded)")
+    parser.add_argument("--export", choices=EXPORT_FORMATS, default=None,
+                        help="write the output folder in this export format: vllm-2of4 for vLLM 0.18.1's 2:4 kernels "
+                        "(bf16 or FP8 W8A8), plain for transformers, lm-eval and any vLLM (default: the folder as "
+                        "llm-compressor saves it)")
 
 
 def _add_eval(subparsers) -> None:

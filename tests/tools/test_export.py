@@ -209,18 +209,6 @@ def test_vllm_2of4_refuses_sizes_the_kernel_cannot_run(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_vllm_2of4_refuses_a_quantized_checkpoint(sparse_dir, tmp_path):
-    source = tmp_path / "quantized"
-    source.mkdir()
-    for path in sparse_dir.iterdir():
-        (source / path.name).write_bytes(path.read_bytes())
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {}}}
-    (source / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="sparse-only"):
-        export_checkpoint(source, tmp_path / "out", "vllm-2of4")
-
-
 # ----------------------------------------------------------------------------- plain
 
 

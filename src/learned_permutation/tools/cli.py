@@ -50,6 +50,7 @@ def _oneshot(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         precision=args.precision,
         overwrite=args.overwrite,
+        export_format=args.export,
     )
     print(f"wrote {args.output_dir}")
     return 0

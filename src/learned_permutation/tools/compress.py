@@ -14,7 +14,9 @@ What it adds to a plain ``oneshot`` call:
 * the model is loaded here in ``precision`` (default: the checkpoint's own dtype), because sampling
   calibration text needs it before ``oneshot`` starts;
 * the output is written to a folder beside ``output_dir`` and moved there only after success
-  (``output.py``), so a failed ``--overwrite`` run keeps the previous output.
+  (``output.py``), so a failed ``--overwrite`` run keeps the previous output;
+* ``export_format`` rewrites the saved folder for a serving runtime (``export.export_in_place``): with
+  ``vllm-2of4`` the folder oneshot leaves loads in vLLM 0.18.1 with its 2:4 kernels, bf16 or FP8 alike.
 
 ``oneshot`` needs the model saved on disk (it reloads its config from ``name_or_path``) and a tokenizer
 next to it. Set ``HF_HUB_OFFLINE=1``: nothing here needs the hub.
@@ -30,7 +32,7 @@ from loguru import logger
 
 from learned_permutation.tools.data import InputError, file_dataset, sample_text_dataset
 from learned_permutation.tools.output import refuse_existing_output, staged_output
-from learned_permutation_cli import MODEL_SAMPLES, PIPELINES, PRECISIONS
+from learned_permutation_cli import EXPORT_FORMATS, MODEL_SAMPLES, PIPELINES, PRECISIONS
 
 # Files any of which makes a folder's tokenizer loadable without a hub.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -141,12 +143,15 @@ def run_oneshot(
     text_column: str = "text",
     precision: str = "auto",
     overwrite: bool = False,
+    export_format: str | None = None,
 ):
     """Compress ``model_dir`` with the recipe at ``recipe_path``; save to ``output_dir``; return the model.
 
     ``dataset`` is a text file, a ``.parquet`` file (column ``text_column``) or ``"model-samples"``
     (``num_samples`` texts of ``seq_len`` tokens sampled from the model itself under ``seed``).
-    ``precision``: ``auto`` (the checkpoint's dtype) or a dtype name.
+    ``precision``: ``auto`` (the checkpoint's dtype) or a dtype name. ``export_format`` (None: the
+    folder as llm-compressor saves it) rewrites the saved folder in that export format; if the export
+    refuses, the InputError says why and the folder keeps llm-compressor's checkpoint.
     """
     config = check_model_dir(model_dir)
     check_tokenizer_files(model_dir)
@@ -159,6 +164,11 @@ def run_oneshot(
     if precision not in ("auto", *PRECISIONS):
         raise InputError(f"unknown precision {precision!r}; choose auto or one of {PRECISIONS}")
     precision = checkpoint_dtype(config) if precision == "auto" else precision
+    if export_format is not None and export_format not in EXPORT_FORMATS:
+        raise InputError(f"unknown export format {export_format!r}; choose one of {EXPORT_FORMATS}")
+    if export_format == "vllm-2of4" and precision == "float32":
+        raise InputError("the vllm-2of4 export serves float16/bfloat16 models (vLLM 0.18.1's 2:4 kernels); "
+                         "load the model with --precision bfloat16 (precision='bfloat16')")
     refused = refuse_existing_output(output_dir, overwrite)
     if refused:
         raise InputError(refused)
@@ -178,9 +188,17 @@ def run_oneshot(
 
     try:
         with staged_output(output_dir) as staging:
-            return compress(model, tokenizer, recipe, calibration, seq_len, staging, pipeline)
+            model = compress(model, tokenizer, recipe, calibration, seq_len, staging, pipeline)
     except RecipeCheckError as error:  # refused at initialisation, from the weights or the calibration data
         raise InputError(str(error)) from error
+    if export_format is not None:
+        from learned_permutation.tools.export import ExportError, export_in_place
+
+        try:
+            export_in_place(output_dir, export_format)
+        except ExportError as error:
+            raise InputError(f"{error}\n{output_dir} holds the checkpoint as llm-compressor saved it") from error
+    return model
 
 
 def compress(model, tokenizer, recipe, calibration, seq_len: int, output_dir: str | Path | None, pipeline: str = "independent"):
