@@ -5,13 +5,18 @@ each with its own ``b x b`` permutation (``B = 1``: one permutation of every cha
 Sinkhorn turns the logits into a soft permutation ``plan`` (``plan[k, i, j]``: how much local channel
 ``i`` of block ``k`` goes to position ``j``); Hungarian gives the hard one.
 
-The pruned weight in a channel order ``P`` and read back in the original order is
-``W_eff(P) = ((W P) * M) P^T``, with ``M`` the N:M mask of the score in that order. The forward pass
-uses the hard permutation exactly (a gather and a scatter, no ``n x n`` product); the backward pass
-returns ``dL/dP`` at that hard point to the soft plan (straight-through), where it flows through
-Sinkhorn to the logits: ``dL/dP = W^T ((G P) * M) + G^T ((W P) * M)`` with ``G = dL/dW_eff``,
-one ``b x out x b`` product per block. With ``M`` all ones ``W_eff`` would not depend on ``P``; the
-gradient is the mask's doing.
+The pruned weight, read in the original channel order, is ``W_eff = W * (M P^T)``: ``M`` is the N:M
+mask of the score in the order ``P`` (a mask per position), and ``M P^T`` gives each channel the mask
+of the position it is sent to. The forward pass uses the hard permutation exactly (a gather and a
+scatter, no ``n x n`` product). The backward pass holds ``M`` fixed and returns the gradient of that
+relaxation at the hard point to the soft plan (straight-through), where it flows through Sinkhorn to
+the logits: ``dL/dP = (G * W)^T M`` with ``G = dL/dW_eff``, one ``b x out x b`` product per block.
+Entry ``(i, j)`` is the first-order change of the loss if channel ``i`` were kept as position ``j`` is.
+
+Why not differentiate ``((W P) * M) P^T``, the permute-mask-unpermute of the paper's figure: at a hard
+point its linearisation is dominated by ``W (D P^T + P D^T)``, which a true permutation cancels at
+second order; on stories260K its predicted change of the loss for single channel swaps did not even
+rank the swaps' real effect (Spearman -0.14 over 40 swaps), so training on it made the loss worse.
 """
 
 from __future__ import annotations
@@ -82,13 +87,9 @@ class _MaskedThroughPermutation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, columns, keep = ctx.saved_tensors
-        grad = grad.to(weight.dtype)
-        masked_grad = grad[:, columns] * keep  # (G P) * M
-        masked_weight = weight[:, columns] * keep  # (W P) * M
 
         def blocks(matrix):  # [out, B * b] -> [B, out, b]
             return matrix.reshape(matrix.shape[0], ctx.blocks, -1).transpose(0, 1)
 
-        grad_plan = blocks(weight).transpose(1, 2) @ blocks(masked_grad)
-        grad_plan = grad_plan + blocks(grad).transpose(1, 2) @ blocks(masked_weight)
+        grad_plan = blocks(grad.to(weight.dtype) * weight).transpose(1, 2) @ blocks(keep.to(weight.dtype))
         return grad_plan, None, None, None
