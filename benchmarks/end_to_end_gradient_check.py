@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import build_setup  # noqa: E402
 
 from comparison import load_model  # noqa: E402
+from end_to_end_step_time import pruned_linears_and_energy  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -30,7 +31,6 @@ from learned_permutation import LearnedPermutationModifier  # noqa: E402
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning  # noqa: E402
 from learned_permutation.plugin.pruner_aware import PrunerModel  # noqa: E402
 from learned_permutation.plugin.selection import calibration_sample  # noqa: E402
-from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 
 
@@ -48,15 +48,9 @@ def main(argv=None) -> int:
                     num_calibration_samples=128, max_seq_length=256, shuffle_calibration_samples=False)
     rows = [tokenizer(text, truncation=True, max_length=256, return_tensors="pt") for text in setup.calibration["text"]]
     batch = calibration_sample([dict(row) for row in rows], args.tokens)
-    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
-    energy = InputStatistics(full=False)
-    handles = [module.register_forward_hook(energy.hook) for module in linears]
-    with torch.no_grad():
-        model.model(**batch)
-    for handle in handles:
-        handle.remove()
+    linears, act_sq = pruned_linears_and_energy(model, batch)
     site = find_sites(model, 4, kinds=("residual",))[0]
-    learning = EndToEndLearning(model, [site], linears, energy.sums, PrunerModel("wanda", 2, 4),
+    learning = EndToEndLearning(model, [site], linears, act_sq, PrunerModel("wanda", 2, 4),
                                 EndToEndArgs(train_tokens=args.tokens, batch_tokens=args.tokens), "cpu")
     targets = learning._dense_targets(batch)
     identity = torch.arange(site.size)

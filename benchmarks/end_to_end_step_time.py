@@ -26,6 +26,18 @@ from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 
 
+def pruned_linears_and_energy(model, batch: dict) -> tuple[list, dict]:
+    """Every Linear but the head (what Wanda prunes here) and its input energy on ``batch``."""
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    energy = InputStatistics(full=False)
+    handles = [module.register_forward_hook(energy.hook) for module in linears]
+    with torch.no_grad():
+        model.model(**batch)
+    for handle in handles:
+        handle.remove()
+    return linears, energy.sums
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path)
@@ -40,18 +52,12 @@ def main(argv=None) -> int:
     rows = -(-2 * args.batch_tokens // width)
     ids = torch.randint(3, model.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
     sample = calibration_sample([{"input_ids": ids}], rows * width)
-    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
-    energy = InputStatistics(full=False)
-    handles = [module.register_forward_hook(energy.hook) for module in linears]
-    with torch.no_grad():
-        model.model(**sample)
-    for handle in handles:
-        handle.remove()
+    linears, act_sq = pruned_linears_and_energy(model, sample)
     settings = EndToEndArgs(sites=args.sites, steps=args.steps + 1, train_tokens=args.batch_tokens,
                             batch_tokens=args.batch_tokens, held_out_tokens=args.batch_tokens, checks=1)
     train, held_out = split_sample(sample, args.batch_tokens, args.batch_tokens)
     sites = find_sites(model, 4, kinds=tuple(args.sites))
-    learning = EndToEndLearning(model, sites, linears, energy.sums, PrunerModel("wanda", 2, 4), settings, "cpu")
+    learning = EndToEndLearning(model, sites, linears, act_sq, PrunerModel("wanda", 2, 4), settings, "cpu")
     stamps = []
     learn = learning._gradient_steps(train[:1], [learning._dense_targets(train[0])])
     for _ in learn:
