@@ -219,7 +219,10 @@ def _served_quantization(config: dict) -> dict | None:
     vLLM 0.18.1 sends a 2:4 Linear to ``CompressedTensors24`` only for 8-bit weights *and* activations,
     weights per tensor or per channel, activations per tensor (static or dynamic) or per token
     (dynamic); weight-only schemes fall through to kernels that cannot read the 2:4 layout. INT8 W8A8,
-    which it would also take, is not exported: only FP8 is checked against its code here.
+    which it would also take, is not exported: only FP8 is checked against its code here, and
+    compressed-tensors 0.14.0.1 ranks int8 entries with torch's abs, where abs(-128) wraps to -128, so
+    its own 2:4 compressor drops -128 weights (measured), the value symmetric int8 gives a row's
+    largest negative weight.
     """
     quantization = config.get("quantization_config") or {}
     if quantization.get("transform_config"):
