@@ -4,9 +4,10 @@ A per-layer site (``mlp``, ``attn_vo``) changes only the input-column order of i
 (``down_proj``, ``o_proj``). Its candidates are judged by the output error the pruner itself would
 leave on that Linear, ``tr((W - W_pruned) H (W - W_pruned)^T)`` with ``H = X^T X`` of the layer's
 calibration inputs: with Wanda the pruned weight is Wanda's N:M mask in the candidate's order; with
-SparseGPT it is SparseGPT's own OBS result (llm-compressor's ``sparsify_weight``, with the pruner's
-block size and dampening) on the permuted weight and Hessian, so the re-fit of the kept weights,
-which a mask-only score cannot see, decides too. Cost per candidate: one pruner call on one Linear.
+SparseGPT it is SparseGPT's OBS result (``learned_permutation.math.obs``, the procedure of
+llm-compressor's ``sparsify_weight`` with the pruner's block size and dampening, batched over the
+candidates) on the permuted weight and Hessian, so the re-fit of the kept weights, which a mask-only
+score cannot see, decides too. Cost: about one pruner call on the Linear for all candidates together.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
 from learned_permutation.math import nm_mask
+from learned_permutation.math.obs import obs_prune
 from learned_permutation.math import score as pruning_score
 
-__all__ = ["PrunerModel", "pruned_output_error"]
+__all__ = ["PrunerModel", "pruned_output_errors"]
 
 
 @dataclass(frozen=True)
@@ -42,29 +41,24 @@ class PrunerModel:
             return cls(score, n, m, int(pruner.block_size), float(pruner.dampening_frac))
         return cls(score, n, m)
 
-    def prune(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-        """The pruned ``weight`` (fp32, same column order) given its input Hessian."""
-        weight = weight.detach().float()
-        if self.score != "sparsegpt":
-            return weight * nm_mask(pruning_score(self.score, weight, hessian=hessian), self.n, self.m)
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
-        module.weight.data = weight.clone()
-        _, pruned = sparsify_weight(
-            module,
-            {module: hessian.detach().float().clone()},
-            sparsity=self.n / self.m,
-            prune_n=self.n,
-            prune_m=self.m,
-            block_size=self.block_size,
-            dampening_frac=self.dampening_frac,
-            preserve_sparsity_mask=False,
-        )
-        return pruned.float()
+    def prune(self, weights: torch.Tensor, hessians: torch.Tensor) -> torch.Tensor:
+        """Pruned ``weights`` ``[candidates, rows, cols]`` (fp32, same column order) given their input
+        Hessians ``[candidates, cols, cols]``."""
+        weights = weights.detach().float()
+        if self.score == "sparsegpt":
+            return obs_prune(weights, hessians, self.n, self.m, self.block_size, self.dampening_frac)
+        return torch.stack([
+            weight * nm_mask(pruning_score(self.score, weight, hessian=hessian), self.n, self.m)
+            for weight, hessian in zip(weights, hessians)
+        ])
 
 
-def pruned_output_error(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, pruner: PrunerModel) -> float:
-    """``tr(dW H dW^T)`` of ``weight`` pruned by ``pruner`` after its input columns take the order ``columns``."""
-    permuted = weight.detach().float()[:, columns]
-    permuted_hessian = hessian.float()[columns][:, columns]
+def pruned_output_errors(
+    weight: torch.Tensor, hessian: torch.Tensor, orders: list[torch.Tensor], pruner: PrunerModel
+) -> list[float]:
+    """``tr(dW H dW^T)`` of ``weight`` pruned by ``pruner`` after its input columns take each order."""
+    weight, hessian = weight.detach().float(), hessian.float()
+    permuted = torch.stack([weight[:, order] for order in orders])
+    permuted_hessian = torch.stack([hessian[order][:, order] for order in orders])
     delta = permuted - pruner.prune(permuted, permuted_hessian)
-    return float(((delta @ permuted_hessian) * delta).sum())
+    return [float(e) for e in ((delta @ permuted_hessian) * delta).sum(dim=(-2, -1))]

@@ -35,7 +35,7 @@ from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.math import reconstruction_error, solve_permutation
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
-from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_error
+from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_errors
 from learned_permutation.plugin.residual_sample import ReaderRowSample
 from learned_permutation.plugin.selection import SimulatedPruning, next_token_loss
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
@@ -138,12 +138,12 @@ class PermutationSearch:
         candidates = self._solve(site, consumers)
         errors = {}
         if len(candidates) > 1:
-            for label, perm in candidates.items():
-                columns = site.consumer_column_index(perm)
-                errors[label] = sum(
-                    pruned_output_error(read_parameter(module, "weight"), hessian, columns, self.settings.pruner)
-                    for module, hessian in stats.items()
-                )
+            orders = [site.consumer_column_index(perm) for perm in candidates.values()]
+            totals = [0.0] * len(orders)
+            for module, hessian in stats.items():
+                found = pruned_output_errors(read_parameter(module, "weight"), hessian, orders, self.settings.pruner)
+                totals = [total + error for total, error in zip(totals, found)]
+            errors = dict(zip(candidates, totals))
         chosen = min(errors, key=errors.get) if errors else next(iter(candidates))
         selection = {"candidate_pruned_errors": errors, "chosen_candidate": chosen} if errors else {}
         self._fold(site, candidates[chosen], consumers, energy, selection, stats, start)
@@ -203,14 +203,22 @@ class PermutationSearch:
     # ------------------------------------------------------------------ shared
 
     def _solve(self, site: PermutationSite, consumers: list) -> dict[str, torch.Tensor]:
-        """Each candidate solver's permutation; one found twice is kept once, under its first name."""
+        """Each candidate solver's permutation; one found twice is kept once, under its first name.
+
+        Among several candidates, ``greedy`` swaps start from ``ria``'s order when both are asked for
+        (and no ``init`` is given): far fewer swaps are left to find, which is what keeps the per-layer
+        work small (``benchmarks/scale.py``)."""
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score,
                        block_size=site.block_size)
+        solved: dict[str, torch.Tensor] = {}
         unique: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
                 knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
+                if name == "greedy" and "ria" in solved and "init" not in knobs:
+                    knobs["init"] = solved["ria"]
                 perm = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
+                solved[name] = perm
                 if not any(torch.equal(perm, kept) for kept in unique.values()):
                     unique[name] = perm
         return unique
