@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,11 +116,19 @@ def evaluate(args, name: str, folder: Path, reference, tokenizer, c4_text: str, 
     return row
 
 
+def commit() -> str:
+    """HEAD, marked ``+changes`` when the working tree differs (the modifier's code is what a row measures)."""
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def run_variant(args, name: str, data) -> dict:
     calibration, c4_text, wikitext, reference, tokenizer = data
     folder, seconds = (args.checkpoints / "dense", 0.0) if name == "dense" else run_compression(args, name, calibration)
     row = {"variant": name, "label": VARIANTS[name][0], "recipe": VARIANTS[name][2], "stage": VARIANTS[name][3],
-           "compress_seconds": seconds}
+           "compress_seconds": seconds, "commit": args.commit}
     if "2of4" in name:
         row["groups_over_2of4"] = groups_over_24(folder)
         started = time.perf_counter()
@@ -143,7 +152,7 @@ def end_to_end(args, dense_dir: Path, calibration) -> dict:
     theirs = {name: t for _, shard in read_dense_weights(args.checkpoints / twin) for name, t in shard.items()}
     same = ours.keys() == theirs.keys() and all(
         torch.equal(ours[key].view(torch.uint8), theirs[key].view(torch.uint8)) for key in ours)
-    return {"variant": "end-to-end", "recipe": file, "compress_seconds": seconds, "groups_over_2of4": groups_over_24(out),
+    return {"variant": "end-to-end", "recipe": file, "commit": args.commit, "compress_seconds": seconds, "groups_over_2of4": groups_over_24(out),
             "identical_to": twin, "identical": same}
 
 
@@ -161,6 +170,8 @@ def write_report(args) -> None:
         f"WikiText-2 and C4 held-out: {args.eval_windows} windows of {args.eval_seq_len} tokens; KL(dense bf16 || row) per token on C4.",
         f"Zero-shot: lm-eval `acc` on the first {args.zeroshot_limit} items of each local task (rows without it: `-`). Models compressed in bf16;",
         "evaluated in float32 on the CPU, FP8 rows de-quantized by compressed-tensors with their activations fake-quantized to FP8.",
+        "",
+        "Commit of each row: " + ", ".join(sorted({f"`{row.get('commit', 'not recorded')}`" for row in rows.values()})) + ".",
         "",
         "| variant | WikiText-2 ppl | C4 ppl | KL to dense | " + " | ".join(ZEROSHOT_SHORT.values())
         + " | zero-shot mean | exactly 2:4 | vllm-2of4 export | compress s |",
@@ -201,6 +212,7 @@ def main() -> int:
     parser.add_argument("--checkpoints", type=Path, default=Path.home() / ".cache/learned-permutation/fp8-checkpoints")
     parser.add_argument("--output", type=Path, default=REPO / "results" / "fp8")
     args = parser.parse_args()
+    args.commit = commit()  # the code imported now is the code every row of this run measures
     args.checkpoints.mkdir(parents=True, exist_ok=True)
     args.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
