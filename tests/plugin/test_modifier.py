@@ -103,6 +103,17 @@ def test_saved_permutations_put_the_dense_model_in_checkpoint_order(llama_dir, t
     assert all(torch.equal(before[key], after[key]) for key in before)
 
 
+def test_saved_folder_is_readable_by_loaders_and_by_a_second_oneshot(llama_dir, tmp_path):
+    """A weight index names only the model's weights (vLLM would otherwise load the permutations file
+    as weights), and the saved recipe.yaml is plain YAML that a later oneshot can read back."""
+    run_oneshot(llama_dir, LearnedPermutationModifier(mask_structure="2:4"), output_dir=tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert "lm_head.weight" in index["weight_map"] and "residual" not in index["weight_map"]
+    recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert "LearnedPermutationModifier" in json.dumps(recipe)
+
+
 def test_folding_saved_permutations_needs_the_files(llama_dir):
     dense = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match=PERMUTATIONS_FILE):

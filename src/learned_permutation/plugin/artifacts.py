@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,10 +42,22 @@ def write_artifacts_on_save(model: nn.Module, report: dict, permutations: dict[s
             (directory / REPORT_FILE).write_text(json.dumps(saved_report, indent=2) + "\n")
             save_file({name: perm.contiguous() for name, perm in saved_permutations.items()},
                       str(directory / PERMUTATIONS_FILE))
+            _index_single_weight_file(directory)
             return result
 
         model.save_pretrained = save_with_artifacts
     model.save_pretrained.permutation_artifacts = (report, {name: perm.to("cpu", torch.int64) for name, perm in permutations.items()})
+
+
+def _index_single_weight_file(directory: Path) -> None:
+    """Give a single-file checkpoint a weight index. Without one, vLLM loads every ``*.safetensors`` of
+    the folder, ours too, and fails on its tensor names ("no module or parameter named 'residual'");
+    with one it reads only the files the index names. transformers reads either."""
+    weights, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if weights.is_file() and not index.exists():
+        with safe_open(str(weights), framework="pt") as handle:
+            names = sorted(handle.keys())
+        index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, weights.name)}, indent=2) + "\n")
 
 
 def fold_saved_permutations(model: nn.Module, checkpoint_dir: str | Path) -> list[str]:

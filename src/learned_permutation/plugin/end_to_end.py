@@ -70,7 +70,7 @@ class EndToEndArgs(BaseModel):
     held_out_tokens: int = Field(default=1024, ge=64)
     checks: int = Field(default=4, ge=1)
     lr: float = Field(default=0.05, gt=0)
-    temperature: tuple[float, float] = (1.0, 0.05)
+    temperature: list[float] = Field(default_factory=lambda: [1.0, 0.05])  # a list: recipe.yaml cannot hold a tuple
     sinkhorn_iters: int = Field(default=10, ge=1)
     init_scale: float = Field(default=1.0, gt=0)
     block: int | None = Field(default=None, ge=2)
