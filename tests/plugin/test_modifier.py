@@ -29,9 +29,13 @@ def calibration_dataset(tokenizer, num_samples=NUM_SAMPLES, seed=0) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
-def run_oneshot(model_dir, recipe, output_dir=None, pipeline="independent", dataset=None):
+def run_oneshot(model_dir, recipe, output_dir=None, pipeline="independent", dataset=None, dtype=torch.float32,
+                on_model=None, **oneshot_args):
+    """``oneshot`` on 8 x 32 random tokens; ``on_model(model)`` runs on the loaded model before it."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if on_model is not None:
+        on_model(model)
     oneshot(
         model=model,
         tokenizer=tokenizer,
@@ -41,6 +45,7 @@ def run_oneshot(model_dir, recipe, output_dir=None, pipeline="independent", data
         max_seq_length=SEQ_LEN,
         pipeline=pipeline,
         output_dir=str(output_dir) if output_dir else None,
+        **oneshot_args,
     )
     return model
 

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from loguru import logger
 from safetensors.torch import load_file
-from test_modifier import NUM_SAMPLES, SEQ_LEN, assert_exact_nm, calibration_dataset, logits
+from test_modifier import NUM_SAMPLES, SEQ_LEN, assert_exact_nm, calibration_dataset, logits, run_oneshot
 from tiny_models import TINY_SHAPE, random_model, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -143,23 +143,15 @@ def test_unseeded_calibration_shuffle_is_warned_about(llama_dir):
 def run_counting_forwards(model_dir, recipe, dataset=None, dtype=torch.float32, **oneshot_args):
     """``oneshot`` on 8 x 32 random tokens (unshuffled), with a forward pre-hook on the model that counts calibration
     forwards in ``run_counting_forwards.calls`` (tests of refused inputs assert it stayed 0)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    oneshot_args.setdefault("shuffle_calibration_samples", False)
+    oneshot_args.setdefault("output_dir", None)
     try:
-        oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            recipe=recipe,
-            dataset=calibration_dataset(tokenizer) if dataset is None else dataset,
-            num_calibration_samples=NUM_SAMPLES,
-            max_seq_length=SEQ_LEN,
-            **{"shuffle_calibration_samples": False, **oneshot_args},
-        )
+        return run_oneshot(model_dir, recipe, dataset=dataset, dtype=dtype,
+                           on_model=lambda model: model.register_forward_pre_hook(lambda *_: calls.append(1)),
+                           **oneshot_args)
     finally:
         run_counting_forwards.calls = len(calls)
-    return model
 
 
 def assert_refused_before_forward(model_dir, recipe, match, dataset=None):
