@@ -1,5 +1,5 @@
 """The main job: 2:4 pruning of the bundled stories260K model with llm-compressor, without and with
-learned permutations, side by side.
+channel permutations (the default method, select), side by side.
 
 Runs the shipped recipes (Wanda 2:4 and SparseGPT 2:4, each alone and after
 ``LearnedPermutationModifier``) with real ``oneshot`` on fresh copies of the model, the same calibration
@@ -16,7 +16,7 @@ text for all, saves each checkpoint under ``outputs/demo/<slug>/``, checks every
 
     python examples/demo.py [--output-dir outputs/demo] [--num-samples 128] [--seq-len 256]
 
-The full grid (RIA/greedy/learned, 4:8, other models, lm-eval, plots) is ``benchmarks/run.py``.
+The full grid (RIA/greedy/learned/select, 4:8, other models, lm-eval, plots) is ``benchmarks/run.py``.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ HELD_OUT_SEED = 1_000  # calibration uses --seed; the held-out text another seed
 VARIANTS = [
     Variant(),
     Variant("wanda", "none", "2:4", RECIPES / "wanda_2of4.yaml"),
-    Variant("wanda", "learned", "2:4", RECIPES / "wanda_2of4_permuted.yaml"),
+    Variant("wanda", "select", "2:4", RECIPES / "wanda_2of4_permuted.yaml"),
     Variant("sparsegpt", "none", "2:4", RECIPES / "sparsegpt_2of4.yaml"),
-    Variant("sparsegpt", "learned", "2:4", RECIPES / "sparsegpt_2of4_permuted.yaml"),
+    Variant("sparsegpt", "select", "2:4", RECIPES / "sparsegpt_2of4_permuted.yaml"),
 ]
 
 
