@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from compressed_tensors.distributed import is_source_process
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +38,8 @@ def write_artifacts_on_save(model: nn.Module, report: dict, permutations: dict[s
         @functools.wraps(original_save)
         def save_with_artifacts(save_directory, *args, **kwargs):
             result = original_save(save_directory, *args, **kwargs)
+            if not is_source_process():  # under torchrun llm-compressor saves from rank 0 only; so do we
+                return result
             saved_report, saved_permutations = save_with_artifacts.permutation_artifacts
             directory = Path(save_directory)
             (directory / REPORT_FILE).write_text(json.dumps(saved_report, indent=2) + "\n")

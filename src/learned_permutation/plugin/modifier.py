@@ -5,6 +5,7 @@ and fold them into the weights, so the N:M pruner that follows keeps more of wha
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,13 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifier
 from llmcompressor.utils.dev import get_main_device
 
 from learned_permutation.plugin.artifacts import write_artifacts_on_save
+from learned_permutation.plugin.distributed import (
+    all_ranks_batches,
+    check_pruner_can_sync,
+    check_same_permutations,
+    sync_statistics_before_compressing,
+    world_size,
+)
 from learned_permutation.plugin.end_to_end import EndToEndArgs
 from learned_permutation.plugin.recipe_checks import (
     RecipeCheckError,
@@ -123,6 +131,11 @@ class LearnedPermutationModifier(Modifier):
         residual, by ranking candidates on the calibration loss; no training) or ``model``
         (then also train the permutations of ``end_to_end.sites`` through the whole pruned
         model, starting from the ``layer`` result; budget and loss in ``end_to_end``).
+    :param sync_pruner_statistics: under torchrun (a process group), make the following
+        SparseGPT or Wanda prune from every rank's calibration data, as one process on the
+        union would: its statistics are all-reduced, weighted by sample counts, before it
+        compresses (``learned_permutation.plugin.distributed``). False: each rank prunes from
+        its own slice, as llm-compressor 0.14 does. No effect in a single process.
     :param end_to_end: ``objective: model`` only: its sites, step and token budget and loss
         weights (``learned_permutation.plugin.end_to_end.EndToEndArgs``), e.g.
 
@@ -160,6 +173,7 @@ class LearnedPermutationModifier(Modifier):
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
+    sync_pruner_statistics: bool = True
 
     _n: int = PrivateAttr()
     _m: int = PrivateAttr()
@@ -171,6 +185,8 @@ class LearnedPermutationModifier(Modifier):
     _sites: list[PermutationSite] = PrivateAttr(default_factory=list)
     _pruner: Any = PrivateAttr(default=None)
     _search: PermutationSearch | None = PrivateAttr(default=None)
+    _calibration: Iterable[dict] = PrivateAttr(default=None)
+    _unsync_pruner: Callable[[], None] | None = PrivateAttr(default=None)
 
     @field_validator("mask_structure", mode="before")
     @classmethod
@@ -258,7 +274,11 @@ class LearnedPermutationModifier(Modifier):
                 "sampler (shuffle_calibration_samples=True, its default), so two runs differ; pass "
                 "shuffle_calibration_samples=False to oneshot() for a reproducible run."
             )
-        tokens = check_calibration_tokens(state.data.calib)
+        # Under torchrun, every rank's rows: the sample is then the one a single process would take.
+        self._calibration = all_ranks_batches(state.data.calib)
+        tokens = check_calibration_tokens(self._calibration)
+        if self._syncs_pruner(pruner):
+            check_pruner_can_sync(pruner)
         if self.objective == "model":
             self._check_end_to_end_budget(sites, tokens)
         self._sites, self._pruner = sites, pruner
@@ -287,9 +307,15 @@ class LearnedPermutationModifier(Modifier):
         start = time.perf_counter()
         end_to_end_sample = None
         if self.objective == "model":
-            end_to_end_sample = calibration_sample(state.data.calib, self.end_to_end.train_tokens + self.end_to_end.held_out_tokens)
-        self._search.run(calibration_sample(state.data.calib, self.sample_tokens), get_main_device(), end_to_end_sample)
+            end_to_end_sample = calibration_sample(self._calibration, self.end_to_end.train_tokens + self.end_to_end.held_out_tokens)
+        self._search.run(calibration_sample(self._calibration, self.sample_tokens), get_main_device(), end_to_end_sample)
         self._search.phases["total"] = time.perf_counter() - start
+        check_same_permutations(self._search.permutations)
+        if self._syncs_pruner(self._pruner):
+            self._unsync_pruner = sync_statistics_before_compressing(self._pruner)
+
+    def _syncs_pruner(self, pruner) -> bool:
+        return self.sync_pruner_statistics and pruner is not None and world_size() > 1
 
     def _candidate_solver_args(self) -> dict[str, dict]:
         """Knobs per solver: with ``select``, the user's on top of ``SELECT_SOLVER_DEFAULTS``."""
@@ -303,6 +329,8 @@ class LearnedPermutationModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
+        if self._unsync_pruner is not None:
+            self._unsync_pruner()
         self._log_summary()
         write_artifacts_on_save(state.model, self.report(), self._search.permutations if self._search else {})
         return True
@@ -320,6 +348,8 @@ class LearnedPermutationModifier(Modifier):
             "candidates": list(self.candidates) if self.method == "select" else [self.method],
             "score": getattr(self, "_score_kind", self.score),
             "sample_tokens": self.sample_tokens,
+            "processes": world_size(),
+            "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",
             "total_seconds": round(search.phases.get("total", 0.0), 3) if search else 0.0,
             "phase_seconds": {k: round(v, 3) for k, v in search.phases.items() if k != "total"} if search else {},

@@ -3,6 +3,11 @@
 llm-compressor's sequential pipeline calls `set_onload_device`, which replaces every module's
 `_parameters` with an `OffloadCache`: reading an attribute onloads a copy, and only
 `update_offload_parameter` writes through to the offloaded storage (CPU memory or disk).
+
+Under torch.distributed, CPU and disk offloads are one storage that every rank shares
+(`DistributedCPUCache`, `DistributedDiskCache`), and compressed-tensors leaves it to the caller that
+one rank writes it at a time; a permutation read and written by every rank would be applied once per
+rank. So there the source rank writes alone, between barriers (`write_parameter`).
 """
 
 from __future__ import annotations
@@ -10,8 +15,12 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.distributed import is_distributed, is_source_process
 from compressed_tensors.offload import update_offload_parameter
-from compressed_tensors.offload.cache import OffloadCache
+from compressed_tensors.offload.cache import DistributedCPUCache, DistributedDiskCache, OffloadCache
+
+SHARED_ACROSS_RANKS = (DistributedCPUCache, DistributedDiskCache)
 
 
 def stored_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
@@ -36,7 +45,32 @@ def read_parameter(module: torch.nn.Module, name: str, device: torch.device | st
 def permute_parameter(module: torch.nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
     """Replace parameter `name` by its `index_select` along `dim`, through the offload cache."""
     value = read_parameter(module, name)
-    update_offload_parameter(module, name, value.index_select(dim, index.to(value.device)))
+    write_parameter(module, name, value.index_select(dim, index.to(value.device)))
+
+
+def write_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Store `value` as parameter `name`, through the offload cache. Every rank calls it with the same
+    value; storage shared across ranks is written by the source rank only, after every rank has read
+    the old value and before any rank reads the new one."""
+    if not (is_distributed() and isinstance(module._parameters, SHARED_ACROSS_RANKS)):
+        update_offload_parameter(module, name, value)
+        return
+    dist.barrier()
+    if is_source_process():
+        update_offload_parameter(module, name, value)
+    else:
+        _refresh_onloaded_copy(module, name, value)
+    dist.barrier()
+
+
+def _refresh_onloaded_copy(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """What `update_offload_parameter` does to this rank's onloaded copy, which the cache keeps while
+    offloading is disabled (as in llm-compressor's sequential pipeline), without writing the storage."""
+    cache = module._parameters if name in module._parameters else module._buffers
+    offloaded = cache.offloaded_values[name]
+    onloaded = OffloadCache.keep_onloaded_values.get(offloaded)
+    if onloaded is not None and onloaded is not offloaded:
+        onloaded.copy_(value)
 
 
 def storage_key(module: torch.nn.Module, name: str) -> Hashable:
