@@ -13,7 +13,7 @@ from test_selection import batches, input_energy, targeted_linears, wanda_prune_
 from learned_permutation.math.permutations import check_permutation
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_aware import PrunerModel
-from learned_permutation.plugin.selection import calibration_sample, next_token_loss
+from learned_permutation.plugin.selection import calibration_sample, prediction_losses
 from learned_permutation.structure import find_sites, fold_permutation
 from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,7 +68,7 @@ def test_simulated_hard_permutation_is_what_the_folded_pruned_model_computes(kin
     for site in find_sites(folded, M, kinds=kinds):
         fold_permutation(folded, site, orders[site.name])
     wanda_prune_in_storage_order(folded, input_energy(folded, data))
-    assert simulated == pytest.approx(next_token_loss(folded, [batch]), rel=1e-4)
+    assert simulated == pytest.approx(prediction_losses(folded, batch)["ce"], rel=1e-4)
     assert "forward" not in model.model.layers[0].__dict__  # the patched forwards are gone
     assert all(parameter.requires_grad for parameter in model.parameters())
 
@@ -149,10 +149,11 @@ E2E_BUDGET = dict(steps=12, lr=0.2, train_tokens=192, batch_tokens=96, held_out_
 
 
 def test_objective_model_folds_the_learned_order_on_top_and_saves_the_composition(outlier_dir, tmp_path):
-    """Permutation only (no pruner): the model still computes what the dense one did, the end-to-end
-    stage moved channels after the layer-wise one, and the saved permutations (their composition) put
-    the dense model exactly in the checkpoint's order."""
-    modifier = LearnedPermutationModifier(mask_structure="2:4", objective="model", end_to_end=E2E_BUDGET)
+    """Permutation only (no pruner), from the identity: the model still computes what the dense one
+    did, the end-to-end stage moved channels, and the saved permutations (their composition) put the
+    dense model exactly in the checkpoint's order."""
+    modifier = LearnedPermutationModifier(mask_structure="2:4", candidates=["identity"], objective="model",
+                                          end_to_end=E2E_BUDGET)
     permuted = run_oneshot(outlier_dir, modifier, output_dir=tmp_path / "out")
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["end_to_end"]
     assert report["sites"] == ["residual"] and report["moved_channels"]["residual"] > 0

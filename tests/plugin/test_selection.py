@@ -1,5 +1,5 @@
-"""The residual site's end-to-end candidate ranking: its loss is the loss of the model that folding
-the candidate and pruning would produce."""
+"""The residual site's end-to-end candidate ranking: its losses (cross-entropy, KL to the dense model)
+are those of the model that folding the candidate and pruning would produce."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import copy
 import pytest
 import torch
 
-from learned_permutation.plugin.selection import SimulatedPruning, calibration_sample, next_token_loss
+from learned_permutation.plugin.selection import (
+    SimulatedPruning,
+    calibration_sample,
+    final_hidden,
+    prediction_losses,
+    scored_positions,
+)
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -52,22 +58,51 @@ def wanda_prune_in_storage_order(model, act_sq: dict) -> None:
             module.weight.mul_(keep.reshape(score.shape))
 
 
-def test_next_token_loss_is_the_models_own_loss():
+def cross_entropy(model, data: list[dict]) -> float:
+    """Mean next-token cross-entropy over equally sized batches."""
+    return sum(prediction_losses(model, batch)["ce"] for batch in data) / len(data)
+
+
+def dense_positions(model, batch: dict) -> torch.Tensor:
+    return scored_positions(final_hidden(model, batch, "cpu"), batch)
+
+
+def test_cross_entropy_is_the_models_own_loss():
     model = build_tiny_model("llama")
     data = batches(model.config.vocab_size)
     with torch.no_grad():
         expected = sum(float(model(**b, labels=b["input_ids"]).loss) for b in data) / len(data)
-    assert next_token_loss(model, data) == pytest.approx(expected, rel=1e-5)
+    assert cross_entropy(model, data) == pytest.approx(expected, rel=1e-5)
 
 
-def test_next_token_loss_ignores_padding():
+def test_kl_is_the_divergence_of_the_full_predictions_from_the_dense_models():
+    model = build_tiny_model("llama")
+    batch = batches(model.config.vocab_size)[0]
+    dense = dense_positions(model, batch)
+    assert prediction_losses(model, batch, dense)["kl"] == pytest.approx(0.0, abs=1e-6)
+    pruned = copy.deepcopy(model)
+    wanda_prune_in_storage_order(pruned, input_energy(pruned, [batch]))
+    with torch.no_grad():
+        reference = model(**batch).logits[:, :-1].log_softmax(-1).flatten(0, 1)
+        found = pruned(**batch).logits[:, :-1].log_softmax(-1).flatten(0, 1)
+    expected = float((reference.exp() * (reference - found)).sum(-1).mean())
+    assert prediction_losses(pruned, batch, dense)["kl"] == pytest.approx(expected, rel=1e-4)
+    assert expected > 0
+
+
+def test_losses_ignore_padding():
     model = build_tiny_model("llama")
     ids = batches(model.config.vocab_size, count=1)[0]["input_ids"][:1]
     padded = torch.cat([ids, torch.zeros(1, 5, dtype=ids.dtype)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 5, dtype=ids.dtype)], dim=1)
-    assert next_token_loss(model, [{"input_ids": padded, "attention_mask": mask}]) == pytest.approx(
-        next_token_loss(model, [{"input_ids": ids}]), rel=1e-5
-    )
+    padded_batch = {"input_ids": padded, "attention_mask": mask}
+    plain_batch = {"input_ids": ids}
+    pruned = copy.deepcopy(model)
+    wanda_prune_in_storage_order(pruned, input_energy(pruned, [plain_batch]))
+    with_padding = prediction_losses(pruned, padded_batch, dense_positions(model, padded_batch))
+    without = prediction_losses(pruned, plain_batch, dense_positions(model, {**plain_batch, "attention_mask": torch.ones_like(ids)}))
+    assert with_padding["ce"] == pytest.approx(without["ce"], rel=1e-5)
+    assert with_padding["kl"] == pytest.approx(without["kl"], rel=1e-4)
 
 
 def test_calibration_sample_is_bounded_order_free_and_loss_preserving():
@@ -76,16 +111,17 @@ def test_calibration_sample_is_bounded_order_free_and_loss_preserving():
     rows = [{"input_ids": ids[i : i + 1, : 8 + 3 * i]} for i in range(5)]
     whole = calibration_sample(rows, tokens=1000)
     assert int(whole["attention_mask"].sum()) == sum(8 + 3 * i for i in range(5))
-    assert next_token_loss(model, [whole]) == pytest.approx(next_token_loss(model, rows), rel=1e-5)
+    per_row = sum(prediction_losses(model, row)["ce"] * (row["input_ids"].shape[1] - 1) for row in rows)
+    assert prediction_losses(model, whole)["ce"] == pytest.approx(per_row / (int(whole["attention_mask"].sum()) - 5), rel=1e-5)
     shuffled = calibration_sample(rows[::-1], tokens=30)
     assert torch.equal(shuffled["input_ids"], calibration_sample(rows, tokens=30)["input_ids"])
     assert int(shuffled["attention_mask"].sum()) == 30
 
 
-def test_next_token_loss_rejects_data_without_token_pairs():
+def test_losses_reject_data_without_token_pairs():
     model = build_tiny_model("llama")
     with pytest.raises(ValueError, match="no pair of consecutive tokens"):
-        next_token_loss(model, [{"input_ids": torch.tensor([[5]])}])
+        prediction_losses(model, {"input_ids": torch.tensor([[5]])})
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -96,17 +132,21 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind):
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
     perm = torch.randperm(residual.size, generator=torch.Generator().manual_seed(3))
-    dense_loss = next_token_loss(model, data)
+    batch = data[0]
+    dense = dense_positions(model, batch)
+    dense_loss = prediction_losses(model, batch)["ce"]
 
-    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).loss(model, data, dict.fromkeys(readers, perm), "random")
+    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).losses(model, batch, dense, dict.fromkeys(readers, perm))
 
     folded = copy.deepcopy(model)
     fold_permutation(folded, find_sites(folded, M, kinds=("residual",))[0], perm)
+    folded_dense = dense_positions(folded, batch)  # its hidden states live in the permuted basis
     folded_act_sq = input_energy(folded, data)
     wanda_prune_in_storage_order(folded, folded_act_sq)
-    assert simulated == pytest.approx(next_token_loss(folded, data), rel=1e-4)
-    assert simulated > dense_loss
-    assert next_token_loss(model, data) == dense_loss  # the hooks are gone
+    assert simulated["ce"] == pytest.approx(prediction_losses(folded, batch)["ce"], rel=1e-4)
+    assert simulated["kl"] == pytest.approx(prediction_losses(folded, batch, folded_dense)["kl"], rel=1e-4)
+    assert simulated["ce"] > dense_loss and simulated["kl"] > 0
+    assert prediction_losses(model, batch)["ce"] == dense_loss  # the hooks are gone
 
 
 def test_simulated_loss_depends_on_the_permutation():
@@ -116,6 +156,7 @@ def test_simulated_loss_depends_on_the_permutation():
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
     simulation = SimulatedPruning(Hooks(), act_sq, "wanda", N, M)
-    identity = simulation.loss(model, data, {}, "identity")
-    shuffled = simulation.loss(model, data, dict.fromkeys(readers, torch.randperm(residual.size)), "shuffled")
-    assert identity != pytest.approx(shuffled, rel=1e-6)
+    dense = dense_positions(model, data[0])
+    identity = simulation.losses(model, data[0], dense, {})
+    shuffled = simulation.losses(model, data[0], dense, dict.fromkeys(readers, torch.randperm(residual.size)))
+    assert identity["kl"] != pytest.approx(shuffled["kl"], rel=1e-6)

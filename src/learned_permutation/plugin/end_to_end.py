@@ -51,7 +51,7 @@ from learned_permutation.math.straight_through import (
     soft_permutation,
 )
 from learned_permutation.plugin.pruner_aware import PrunerModel
-from learned_permutation.plugin.selection import HEAD_CHUNK_TOKENS
+from learned_permutation.plugin.selection import head_losses
 from learned_permutation.structure import PermutationSite
 
 __all__ = ["EndToEndArgs", "EndToEndLearning", "split_sample"]
@@ -337,11 +337,8 @@ class EndToEndLearning:
         final, layers = self._decoder(batch)
         mask, valid = self._masks(batch)
         hidden, labels = final[:, :-1][valid], batch["input_ids"].to(self.device)[:, 1:][valid]
-        ce = kl = hidden.new_zeros(())
-        for part, dense, label in zip(hidden.split(HEAD_CHUNK_TOKENS), targets["final"].split(HEAD_CHUNK_TOKENS),
-                                      labels.split(HEAD_CHUNK_TOKENS)):
-            part_ce, part_kl = self._head_loss(part, dense, label)
-            ce, kl = ce + part_ce, kl + part_kl
+        ce, kl = head_losses(self.model.get_output_embeddings(), hidden, labels,
+                             targets["final"] if args.kl else None)
         count = max(len(labels), 1)
         parts = {"ce": ce / count, "kl": kl / count}
         if args.hidden > 0:
@@ -351,17 +348,6 @@ class EndToEndLearning:
             ]).mean()
         parts["total"] = args.ce * parts["ce"] + args.kl * parts["kl"] + args.hidden * parts.get("hidden", 0.0)
         return parts
-
-    def _head_loss(self, hidden: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor):
-        head = self.model.get_output_embeddings()
-        log_probs = F.linear(hidden, head.weight, head.bias).float().log_softmax(dim=-1)
-        ce = F.nll_loss(log_probs, labels, reduction="sum")
-        if self.args.kl == 0:
-            return ce, ce.new_zeros(())
-        with torch.no_grad():
-            dense_log_probs = F.linear(dense, head.weight, head.bias).float().log_softmax(dim=-1)
-        kl = F.kl_div(log_probs, dense_log_probs, log_target=True, reduction="sum")
-        return ce, kl
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    (candidates ranked by the pruner's own output error, ``plugin/pruner_aware.py``) and folded, its
    Hessians dropped, and its residual readers contribute sampled rows (``plugin/residual_sample.py``).
    Extra memory: one layer's Hessians and the captured sample's activations.
-2. Residual: candidates solved on the sampled rows, ranked by the calibration loss of the model
-   pruned in simulation on the same sample (``plugin/selection.py``): one forward per candidate.
+2. Residual: candidates solved on the sampled rows, ranked by the KL divergence from the dense model
+   (whose predictions the layer pass kept) of the model pruned in simulation on the same sample
+   (``plugin/selection.py``): one forward per candidate.
 
 So the cost is ``1 + candidates`` forwards over the sample plus the solves, whatever the depth.
 
@@ -26,18 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch import nn
 
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.math import reconstruction_error, solve_permutation
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_errors
 from learned_permutation.plugin.residual_sample import ReaderRowSample
-from learned_permutation.plugin.selection import SimulatedPruning, next_token_loss
+from learned_permutation.plugin.selection import SimulatedPruning, final_hidden, scored_positions
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.structure import PermutationSite, fold_permutation
 from learned_permutation.structure.offload import read_parameter
@@ -86,16 +85,18 @@ class PermutationSearch:
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
-        energy, readers = self._layer_pass(sample, device)
+        energy, readers, dense = self._layer_pass(sample, device)
         self.phases["layer pass (statistics, per-layer sites)"] = time.perf_counter() - start
         if self.residual is not None:
-            self._decide_residual(sample, device, energy, readers)
+            self._decide_residual(sample, device, energy, readers, dense)
         if self.settings.end_to_end is not None:
             self._learn_end_to_end(end_to_end_sample, device, energy)
 
     # ------------------------------------------------------------------ layer pass
 
-    def _layer_pass(self, sample: dict, device) -> tuple[InputStatistics, ReaderRowSample]:
+    def _layer_pass(self, sample: dict, device) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
+        """Statistics, per-layer decisions, residual row sample, and the dense model's final hidden
+        states at the sample's scored positions (folds never change what the model computes)."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True)
         layers = self.model.get_decoder().layers
@@ -114,13 +115,13 @@ class PermutationSearch:
             handles.add(self.hooks.register_hook(layer, finish, "forward"))
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                _run_decoder(self.model, sample, device)
+                dense = scored_positions(final_hidden(self.model, sample, device), sample)
         finally:
             self.hooks.remove_hooks(handles)
         missing = [s.name for s in self.layer_sites if s.name not in self.permutations and self.targeted(s)]
         if missing:
             raise RuntimeError(f"LearnedPermutationModifier: the calibration pass never reached {missing}")
-        return energy, readers
+        return energy, readers, dense
 
     def _finish_layer(self, index, hessians, energy, readers, layer_readers) -> None:
         for site in [s for s in self.layer_sites if s.layer_index == index]:
@@ -150,7 +151,7 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ residual
 
-    def _decide_residual(self, sample, device, energy: InputStatistics, readers: ReaderRowSample) -> None:
+    def _decide_residual(self, sample, device, energy: InputStatistics, readers: ReaderRowSample, dense) -> None:
         start = time.perf_counter()
         site = self.residual
         if not readers.consumers:
@@ -170,15 +171,15 @@ class PermutationSearch:
             readers_here = [named.module for named in site.consumer_modules if named.module in act_sq]
             for label, perm in candidates.items():
                 orders = dict.fromkeys(readers_here, site.consumer_column_index(perm))
-                losses[label] = simulation.loss(self.model, [sample], orders, f"{site.name}: {label}")
-            if not all(math.isfinite(loss) for loss in losses.values()):
+                losses[label] = simulation.losses(self.model, sample, dense, orders)
+            if not all(math.isfinite(value) for loss in losses.values() for value in loss.values()):
                 raise ValueError(
                     f"residual: the simulated-pruning calibration loss is not finite ({losses}): the model "
                     "produces NaN or inf logits on the calibration data; check its dtype (float32 or "
                     "bfloat16, not float16)."
                 )
             self.phases["residual selection passes"] = time.perf_counter() - select_start
-        chosen = min(losses, key=losses.get) if losses else next(iter(candidates))
+        chosen = min(losses, key=lambda label: losses[label]["kl"]) if losses else next(iter(candidates))
         selection = {"candidate_calibration_losses": losses, "chosen_candidate": chosen} if losses else {}
         self._fold(site, candidates[chosen], readers.consumers, energy, selection, None, start,
                    sampled_rows=readers.sampled_rows)
@@ -245,11 +246,3 @@ class PermutationSearch:
 
 def _is_inside(module: nn.Module, container: nn.Module) -> bool:
     return any(module is inner for inner in container.modules())
-
-
-@torch.no_grad()
-def _run_decoder(model: nn.Module, batch: dict, device) -> None:
-    """The decoder's forward over ``batch`` (no head, no cache, sdpa attention, eval mode)."""
-    decoder = model.get_decoder()
-    with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

@@ -2,10 +2,11 @@
 
 The residual permutation is shared by every layer, and on the models we measured the layer-wise
 objective ranks its candidates poorly, while the calibration loss of the pruned model ranks them as
-the held-out loss does (``docs/results.md``). So each residual candidate is scored by that loss: the
-model with every targeted Linear masked the way the pruner would mask it (its score's N:M mask in
-the candidate's channel order, no weight update), one forward pass over ``calibration_sample``
-tokens per candidate. Masks are computed per call from the weight and the input energy, so memory
+the held-out loss does (``docs/results.md``). So each residual candidate is scored by the KL
+divergence of that model's predictions from the dense model's on the calibration sample: the model
+with every targeted Linear masked the way the pruner would mask it (its score's N:M mask in the
+candidate's channel order, no weight update), one forward pass over ``calibration_sample`` tokens
+per candidate; the dense side comes from the modifier's own statistics pass, at no extra forward. Masks are computed per call from the weight and the input energy, so memory
 stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
 """
 
@@ -17,7 +18,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from compressed_tensors.utils import patch_attr
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -28,7 +28,7 @@ from learned_permutation.math import nm_mask
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
 
-__all__ = ["SimulatedPruning", "calibration_sample", "next_token_loss"]
+__all__ = ["SimulatedPruning", "calibration_sample", "final_hidden", "head_losses", "prediction_losses", "scored_positions"]
 
 HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
 
@@ -54,13 +54,13 @@ class SimulatedPruning:
         self.device = device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
 
-    def loss(self, model: nn.Module, batches: Iterable[dict], column_orders: dict, label: str) -> float:
-        """Calibration loss of ``model`` with the simulated Linears pruned in ``column_orders``."""
+    def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
+        """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
         self.column_orders = column_orders
         handles = {self.hooks.register_hook(module, self._pruned_forward, "forward") for module in self.act_sq}
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                return next_token_loss(model, tqdm(batches, desc=f"Candidate {label}", leave=False), self.device)
+                return prediction_losses(model, batch, dense, self.device)
         finally:
             self.hooks.remove_hooks(handles)
 
@@ -109,31 +109,66 @@ def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-@torch.no_grad()
-def next_token_loss(model: nn.Module, batches: Iterable[dict], device: torch.device | str | None = None) -> float:
-    """Mean next-token cross-entropy over the non-padded tokens of ``batches``.
+def scored_positions(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The final hidden states that predict a next token: every non-padded position but each row's last."""
+    mask = batch["attention_mask"].to(hidden.device)
+    return hidden[:, :-1][(mask[:, 1:] * mask[:, :-1]).bool()]
 
-    Runs the decoder and applies the output embedding itself, with the KV cache off and the model in
-    eval mode: inside llm-compressor's calibration the lm_head's forward is patched to return meta
-    tensors, and the loss needs the logits. Attention runs as ``sdpa`` (llm-compressor forces eager
-    attention for its traced subgraphs; this plain forward does not need it, and eager is slower).
-    ``device``: where the inputs go (default: llm-compressor's main device).
+
+def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, dense: torch.Tensor | None = None):
+    """Summed next-token cross-entropy of ``hidden`` (scored positions) and, given the dense model's
+    hidden states at the same positions, summed KL(dense || model), ``HEAD_CHUNK_TOKENS`` at a time so
+    the logits never exceed one chunk. Differentiable in ``hidden``; the dense side is a constant."""
+    ce = kl = hidden.new_zeros((), dtype=torch.float32)
+    dense_parts = dense.split(HEAD_CHUNK_TOKENS) if dense is not None else [None] * len(hidden.split(HEAD_CHUNK_TOKENS))
+    for part, label, dense_part in zip(hidden.split(HEAD_CHUNK_TOKENS), labels.split(HEAD_CHUNK_TOKENS), dense_parts):
+        log_probs = F.linear(part, head.weight, head.bias).float().log_softmax(dim=-1)
+        ce = ce + F.nll_loss(log_probs, label, reduction="sum")
+        if dense_part is not None:
+            with torch.no_grad():
+                dense_log_probs = F.linear(dense_part, head.weight, head.bias).float().log_softmax(dim=-1)
+            kl = kl + F.kl_div(log_probs, dense_log_probs, log_target=True, reduction="sum")
+    return ce, kl
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
+    """The decoder's last hidden states over ``batch``.
+
+    Runs the decoder alone, with the KV cache off and the model in eval mode: inside llm-compressor's
+    calibration the lm_head's forward is patched to return meta tensors, so heads are applied here by
+    ``head_losses``. Attention runs as ``sdpa`` (llm-compressor forces eager attention for its traced
+    subgraphs; this plain forward does not need it, and eager is slower). ``device``: where the inputs
+    go (default: llm-compressor's main device).
     """
     device = get_main_device() if device is None else device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    total, count = 0.0, 0
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch.get("attention_mask")
-            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-            valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-            targets = input_ids[:, 1:][valid]
-            for part, target in zip(hidden[valid].split(HEAD_CHUNK_TOKENS), targets.split(HEAD_CHUNK_TOKENS)):
-                logits = F.linear(part, head.weight, head.bias).float()
-                total += float(F.cross_entropy(logits, target, reduction="sum"))
-            count += int(valid.sum())
-    if count == 0:
+        output = model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=_attention_mask(batch).to(device))
+    return output.last_hidden_state
+
+
+@torch.no_grad()
+def prediction_losses(
+    model: nn.Module, batch: dict, dense: torch.Tensor | None = None, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Mean next-token cross-entropy (``ce``) over the non-padded tokens of ``batch`` and, given the
+    dense model's ``scored_positions`` on it, mean KL(dense || model) (``kl``): the divergence sees the
+    whole predicted distribution rather than one sampled token, so it ranks candidates with far less
+    noise than the cross-entropy on the same tokens."""
+    batch = {**batch, "attention_mask": _attention_mask(batch)}
+    hidden = scored_positions(final_hidden(model, batch, device), batch)
+    if hidden.shape[0] == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")
-    return total / count
+    mask = batch["attention_mask"]
+    labels = batch["input_ids"][:, 1:][(mask[:, 1:] * mask[:, :-1]).bool()].to(hidden.device)
+    ce, kl = head_losses(model.get_output_embeddings(), hidden, labels, dense)
+    losses = {"ce": float(ce) / len(labels)}
+    if dense is not None:
+        losses["kl"] = float(kl) / len(labels)
+    return losses
+
+
+def _attention_mask(batch: dict) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"]) if mask is None else mask
