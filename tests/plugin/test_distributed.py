@@ -20,6 +20,9 @@ from distributed_scenarios import NUM_SAMPLES, SEQ_LEN, recipe
 from safetensors.torch import load_file
 
 from learned_permutation import PERMUTATIONS_FILE, REPORT_FILE
+from learned_permutation.plugin.distributed import check_pruner_can_sync
+from learned_permutation.plugin.recipe_checks import RecipeCheckError
+from llmcompressor.modifiers.pruning import WandaPruningModifier
 from tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,3 +124,12 @@ def test_ranks_that_decide_differently_fail_naming_the_sites(scenario_runs):
     assert "ranks decided different permutations" in errors[0]
     assert "['model.layers.0.mlp', 'model.layers.1.mlp', 'residual']" in errors[0]
     assert not (scenario_runs / "divergence" / "model.safetensors").exists()
+
+
+def test_statistics_sync_refuses_owl_layer_sparsities_before_calibration():
+    """OWL infers each layer's sparsity from the rank's own slice: synced statistics would not make
+    the ranks prune alike."""
+    owl = WandaPruningModifier(sparsity=0.5, mask_structure="2:4", sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+    with pytest.raises(RecipeCheckError, match="OWL"):
+        check_pruner_can_sync(owl)
+    check_pruner_can_sync(WandaPruningModifier(sparsity=0.5, mask_structure="2:4"))

@@ -96,6 +96,9 @@ class LearnedPermutationModifier(Modifier):
           straight-through gradient, next-token CE + KL to the dense model, Adam on the
           logits only, ``end_to_end.steps`` steps; folded on top only if the hard result
           beats the start on held-out calibration rows
+    - under torchrun (``learned_permutation.plugin.distributed``): the sample is drawn from
+      every rank's rows, the ranks' permutations are compared after deciding, and with
+      ``sync_pruner_statistics`` the pruner's statistics are all-reduced before it compresses
     - on_calibration_end
         - remove hooks
     - on_finalize
@@ -310,6 +313,7 @@ class LearnedPermutationModifier(Modifier):
             end_to_end_sample = calibration_sample(self._calibration, self.end_to_end.train_tokens + self.end_to_end.held_out_tokens)
         self._search.run(calibration_sample(self._calibration, self.sample_tokens), get_main_device(), end_to_end_sample)
         self._search.phases["total"] = time.perf_counter() - start
+        self._calibration = None
         check_same_permutations(self._search.permutations)
         if self._syncs_pruner(self._pruner):
             self._unsync_pruner = sync_statistics_before_compressing(self._pruner)
