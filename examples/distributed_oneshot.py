@@ -1,7 +1,7 @@
 """2:4 pruning with channel permutations on several GPUs: one process per GPU, each calibrating on its
 own slice of the data, one checkpoint saved by rank 0 (README, "Several GPUs").
 
-    torchrun --nproc-per-node 4 examples/distributed_oneshot.py --model path/to/model \\
+    torchrun --standalone --nproc-per-node 4 examples/distributed_oneshot.py --model path/to/model \\
         --data calibration.txt --recipe recipes/sparsegpt_2of4_permuted.yaml --output-dir out/pruned
 
 ``--data``: a text file (split into paragraphs) or a parquet file with a ``text`` column; its first
@@ -17,20 +17,17 @@ is the single-process run on all the rows.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch.distributed as dist
+from compressed_tensors.offload import load_offloaded_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch.distributed as dist  # noqa: E402
-from compressed_tensors.offload import load_offloaded_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import learned_permutation  # noqa: E402,F401  (registers LearnedPermutationModifier)
-from learned_permutation.plugin.distributed import init_torchrun_process_group, rank, world_size  # noqa: E402
-from learned_permutation.tools.data import file_dataset  # noqa: E402
-from llmcompressor import oneshot  # noqa: E402
+import learned_permutation  # noqa: F401  (registers LearnedPermutationModifier)
+from learned_permutation.plugin.distributed import init_torchrun_process_group, rank, world_size
+from learned_permutation.tools.data import file_dataset
+from llmcompressor import oneshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 def rank_rows(data: str | Path, num_samples: int):
     """This rank's contiguous slice of the first ``num_samples`` rows of ``data`` (all of them in one process)."""
     rows = file_dataset(data)
-    return rows.select(range(min(num_samples, len(rows)))).shard(world_size(), rank(), contiguous=True)
+    rows = rows.select(range(min(num_samples, len(rows))))
+    if len(rows) < world_size():
+        raise ValueError(f"{len(rows)} calibration rows cannot give each of {world_size()} ranks one; "
+                         "pass more rows (--num-samples, --data) or fewer processes")
+    return rows.shard(world_size(), rank(), contiguous=True)
 
 
 def prune(model: str | Path, data: str | Path, recipe, output_dir: str | Path, num_samples: int = 128,
