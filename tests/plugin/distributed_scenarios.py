@@ -53,10 +53,11 @@ def main(model: str, data: str, out: str) -> None:
     }.items():
         prune(model, data, scenario, out_dir / name, NUM_SAMPLES, SEQ_LEN)
     # Loaded plainly, not by load_offloaded_model: the pipeline then shares rank 0's copy in CPU memory.
+    # And both modifiers in one sequential pipeline, not each in its own (llm-compressor's default).
     rows = rank_rows(data, NUM_SAMPLES)
     oneshot(model=AutoModelForCausalLM.from_pretrained(model), tokenizer=AutoTokenizer.from_pretrained(model),
             recipe=recipe("wanda"), dataset=rows, num_calibration_samples=len(rows), max_seq_length=SEQ_LEN,
-            shuffle_calibration_samples=False, output_dir=str(out_dir / "wanda_cpu_shared"))
+            shuffle_calibration_samples=False, pipeline="sequential", output_dir=str(out_dir / "wanda_cpu_shared"))
     if rank() == 1:  # this rank alone decides otherwise
         search.solve_permutation = flip_unblocked_solutions(search.solve_permutation)
     try:

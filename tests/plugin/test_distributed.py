@@ -91,7 +91,8 @@ def pruned_linears(weights: dict) -> list[str]:
 @pytest.mark.parametrize("scenario", ["wanda", "sparsegpt", "wanda_cpu_shared"])
 def test_two_processes_save_what_one_process_saves_on_the_union(scenario, readme_run, scenario_runs, single_runs):
     """``wanda`` is the README's command; ``wanda_cpu_shared`` a model both ranks read and write in one
-    shared CPU copy (folding there is written by rank 0 alone: ``structure/offload.py``)."""
+    shared CPU copy (folding there is written by rank 0 alone: ``structure/offload.py``), with both
+    modifiers in one sequential pipeline."""
     distributed_dir = readme_run if scenario == "wanda" else scenario_runs / scenario
     pruner = scenario.split("_")[0]
     permutations, weights, report = checkpoint(distributed_dir)
