@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_scenarios import NUM_SAMPLES, SEQ_LEN, recipe
+from distributed_scenarios import NUM_SAMPLES, SEQ_LEN, prune, recipe
 from safetensors.torch import load_file
 
 from learned_permutation import PERMUTATIONS_FILE, REPORT_FILE
@@ -70,8 +70,6 @@ def scenario_runs(inputs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_runs(inputs, tmp_path_factory) -> dict[str, Path]:
     """The same script in this one process (no process group): the union of both ranks' rows."""
-    from distributed_oneshot import prune
-
     model, data = inputs
     out = tmp_path_factory.mktemp("single")
     for name, scenario in {"wanda": WANDA_RECIPE, "sparsegpt": recipe("sparsegpt")}.items():
