@@ -12,6 +12,7 @@ from learned_permutation.plugin.selection import (
     SimulatedPruning,
     calibration_sample,
     final_hidden,
+    leading_rows,
     prediction_losses,
     scored_positions,
 )
@@ -160,3 +161,15 @@ def test_simulated_loss_depends_on_the_permutation():
     identity = simulation.losses(model, data[0], dense, {})
     shuffled = simulation.losses(model, data[0], dense, dict.fromkeys(readers, torch.randperm(residual.size)))
     assert identity["kl"] != pytest.approx(shuffled["kl"], rel=1e-6)
+
+
+def test_leading_rows_are_whole_rows_within_the_budget_and_own_the_first_scored_positions():
+    model = build_tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (6, 20), generator=torch.Generator().manual_seed(1))
+    sample = calibration_sample([{"input_ids": ids[i : i + 1, : 10 + 2 * i]} for i in range(6)], tokens=1000)
+    part, scored = leading_rows(sample, tokens=40)
+    lengths = sample["attention_mask"].sum(dim=1)
+    assert int(part["attention_mask"].sum()) <= 40 < int(lengths[: len(part["input_ids"]) + 1].sum())
+    dense = dense_positions(model, sample)
+    assert torch.allclose(dense[:scored], dense_positions(model, part), atol=1e-5)
+    assert leading_rows(sample, tokens=1)[0]["input_ids"].shape[0] == 1  # never empty

@@ -10,10 +10,13 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    Hessians dropped, and its residual readers contribute sampled rows (``plugin/residual_sample.py``).
    Extra memory: one layer's Hessians and the captured sample's activations.
 2. Residual: candidates solved on the sampled rows, ranked by the KL divergence from the dense model
-   (whose predictions the layer pass kept) of the model pruned in simulation on the same sample
-   (``plugin/selection.py``): one forward per candidate.
+   (whose predictions the layer pass kept) of the model pruned in simulation, on the sample's first
+   ``RESIDUAL_SCORING_TOKENS`` (``plugin/selection.py``): one forward per candidate. The KL compares
+   whole predicted distributions of the same tokens, far less noisy than the cross-entropy of the
+   sampled next tokens, so half of the default sample is scored, at half the cost.
 
-So the cost is ``1 + candidates`` forwards over the sample plus the solves, whatever the depth.
+So the cost is one forward over the sample, one over half of it per residual candidate, and the solves,
+whatever the depth.
 
 3. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
    model on its calibration loss (``plugin/end_to_end.py``), folded on top when they beat it.
@@ -36,12 +39,14 @@ from learned_permutation.math import reconstruction_error, solve_permutation
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_errors
 from learned_permutation.plugin.residual_sample import ReaderRowSample
-from learned_permutation.plugin.selection import SimulatedPruning, final_hidden, scored_positions
+from learned_permutation.plugin.selection import SimulatedPruning, final_hidden, leading_rows, scored_positions
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.structure import PermutationSite, fold_permutation
 from learned_permutation.structure.offload import read_parameter
 
-__all__ = ["SearchSettings", "PermutationSearch"]
+__all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
+
+RESIDUAL_SCORING_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -169,9 +174,10 @@ class PermutationSearch:
             simulation = SimulatedPruning(self.hooks, act_sq, self.settings.pruner.score,
                                           self.settings.pruner.n, self.settings.pruner.m, device)
             readers_here = [named.module for named in site.consumer_modules if named.module in act_sq]
+            scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
             for label, perm in candidates.items():
                 orders = dict.fromkeys(readers_here, site.consumer_column_index(perm))
-                losses[label] = simulation.losses(self.model, sample, dense, orders)
+                losses[label] = simulation.losses(self.model, scoring, dense[:scored], orders)
             if not all(math.isfinite(value) for loss in losses.values() for value in loss.values()):
                 raise ValueError(
                     f"residual: the simulated-pruning calibration loss is not finite ({losses}): the model "
@@ -180,7 +186,8 @@ class PermutationSearch:
                 )
             self.phases["residual selection passes"] = time.perf_counter() - select_start
         chosen = min(losses, key=lambda label: losses[label]["kl"]) if losses else next(iter(candidates))
-        selection = {"candidate_calibration_losses": losses, "chosen_candidate": chosen} if losses else {}
+        selection = {"candidate_calibration_losses": losses, "chosen_candidate": chosen,
+                     "scored_tokens": int(scoring["attention_mask"].sum())} if losses else {}
         self._fold(site, candidates[chosen], readers.consumers, energy, selection, None, start,
                    sampled_rows=readers.sampled_rows)
 

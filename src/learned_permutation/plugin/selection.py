@@ -28,7 +28,15 @@ from learned_permutation.math import nm_mask
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
 
-__all__ = ["SimulatedPruning", "calibration_sample", "final_hidden", "head_losses", "prediction_losses", "scored_positions"]
+__all__ = [
+    "SimulatedPruning",
+    "calibration_sample",
+    "final_hidden",
+    "head_losses",
+    "leading_rows",
+    "prediction_losses",
+    "scored_positions",
+]
 
 HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
 
@@ -97,6 +105,17 @@ def calibration_sample(batches: Iterable[dict], tokens: int) -> dict:
     if not chosen:
         raise ValueError("the calibration data holds no row of at least two tokens")
     return _right_padded(chosen)
+
+
+def leading_rows(sample: dict, tokens: int) -> tuple[dict, int]:
+    """The first rows of ``sample`` (hash-ordered, from ``calibration_sample``) that hold at most
+    ``tokens`` tokens (at least one row), and how many of ``sample``'s ``scored_positions`` they own
+    (those come first, as positions are flattened row by row)."""
+    mask = sample["attention_mask"]
+    rows = max(1, int((mask.sum(dim=1).cumsum(0) <= tokens).sum()))
+    part = {key: value[:rows] for key, value in sample.items()}
+    scored = int((part["attention_mask"][:, 1:] * part["attention_mask"][:, :-1]).sum())
+    return part, scored
 
 
 def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
