@@ -100,8 +100,8 @@ def test_two_processes_save_what_one_process_saves_on_the_union(scenario, readme
     assert permutations.keys() == single_permutations.keys() and len(permutations) == 5
     assert all(torch.equal(permutations[site], single_permutations[site]) for site in permutations)
     assert weights.keys() == single_weights.keys()
-    for name in weights:  # only the order of the additions differs
-        torch.testing.assert_close(weights[name], single_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in weights:  # only the order of the additions differs (SparseGPT's inverse amplifies it: 4e-6)
+        torch.testing.assert_close(weights[name], single_weights[name], rtol=1e-4, atol=2e-5, msg=name)
     assert all(torch.equal(weights[name] == 0, single_weights[name] == 0) for name in pruned_linears(weights))
 
 
