@@ -20,10 +20,11 @@ from distributed_scenarios import NUM_SAMPLES, SEQ_LEN, prune, recipe
 from safetensors.torch import load_file
 
 from learned_permutation import PERMUTATIONS_FILE, REPORT_FILE
+from learned_permutation.plugin import artifacts
 from learned_permutation.plugin.distributed import check_pruner_can_sync
 from learned_permutation.plugin.recipe_checks import RecipeCheckError
 from llmcompressor.modifiers.pruning import WandaPruningModifier
-from tiny_models import save_tiny_model
+from tiny_models import build_tiny_model, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "distributed_oneshot.py"
@@ -132,3 +133,15 @@ def test_statistics_sync_refuses_owl_layer_sparsities_before_calibration():
     with pytest.raises(RecipeCheckError, match="OWL"):
         check_pruner_can_sync(owl)
     check_pruner_can_sync(WandaPruningModifier(sparsity=0.5, mask_structure="2:4"))
+
+
+def test_only_the_source_rank_writes_the_report_and_permutations(monkeypatch, tmp_path):
+    """llm-compressor saves from rank 0 only; the files the modifier adds follow it."""
+    model = build_tiny_model("llama")
+    artifacts.write_artifacts_on_save(model, {"sites": []}, {"residual": torch.arange(64)})
+    monkeypatch.setattr(artifacts, "is_source_process", lambda: False)
+    model.save_pretrained(tmp_path / "rank1")
+    assert not (tmp_path / "rank1" / REPORT_FILE).exists() and not (tmp_path / "rank1" / PERMUTATIONS_FILE).exists()
+    monkeypatch.setattr(artifacts, "is_source_process", lambda: True)
+    model.save_pretrained(tmp_path / "rank0")
+    assert (tmp_path / "rank0" / REPORT_FILE).exists() and (tmp_path / "rank0" / PERMUTATIONS_FILE).exists()
