@@ -52,13 +52,15 @@ RESIDUAL_SCORING_TOKENS = 4096
 @dataclass(frozen=True)
 class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
-    more than one; ``solver_args`` maps a solver name to its knobs; ``end_to_end``: the budget of the
-    end-to-end learning that follows (None: none)."""
+    more than one; ``solver_args`` maps a solver name to the user's knobs; ``layer_solver_defaults``
+    to knobs under them at the per-layer sites only; ``end_to_end``: the budget of the end-to-end
+    learning that follows (None: none)."""
 
     candidates: tuple[str, ...]
     pruner: PrunerModel
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
+    layer_solver_defaults: dict[str, dict] = field(default_factory=dict)
     end_to_end: EndToEndArgs | None = None
 
 
@@ -141,7 +143,7 @@ class PermutationSearch:
         start = time.perf_counter()
         check_finite_statistics(stats, self.names)
         consumers = site.consumers_from_stats(stats)
-        candidates = self._solve(site, consumers)
+        candidates = _distinct(self._solve(site, consumers))
         errors = {}
         if len(candidates) > 1:
             orders = [site.consumer_column_index(perm) for perm in candidates.values()]
@@ -165,7 +167,7 @@ class PermutationSearch:
                 "pruner; remove 'residual' from sites or target those Linears."
             )
         check_finite_statistics(dict(energy.sums), self.names)
-        candidates = self._solve(site, readers.consumers)
+        candidates = _distinct(self._solve(site, readers.consumers))
         self.phases["residual solves"] = time.perf_counter() - start
         losses = {}
         if len(candidates) > 1:
@@ -211,25 +213,26 @@ class PermutationSearch:
     # ------------------------------------------------------------------ shared
 
     def _solve(self, site: PermutationSite, consumers: list) -> dict[str, torch.Tensor]:
-        """Each candidate solver's permutation; one found twice is kept once, under its first name.
+        """Each candidate solver's permutation.
 
-        Among several candidates, ``greedy`` swaps start from ``ria``'s order when both are asked for
-        (and no ``init`` is given): far fewer swaps are left to find, which is what keeps the per-layer
-        work small (``benchmarks/scale.py``)."""
+        At a per-layer site, ``greedy`` swaps start from ``ria``'s order when both are candidates (and no
+        ``init`` is given): far fewer swaps are left to find, which with ``layer_solver_defaults`` keeps
+        the per-layer work small (``benchmarks/scale.py``). The residual, one site, runs each solver at
+        its defaults: there ``greedy`` from the identity found an order that ``ria`` plus refinement
+        does not (``docs/results.md``)."""
+        per_layer = site.kind != "residual"
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score,
                        block_size=site.block_size)
         solved: dict[str, torch.Tensor] = {}
-        unique: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
-                knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
-                if name == "greedy" and "ria" in solved and "init" not in knobs:
+                defaults = self.settings.layer_solver_defaults.get(name, {}) if per_layer else {}
+                knobs = {"seed": self.settings.seed, **defaults, **self.settings.solver_args.get(name, {})}
+                if per_layer and name == "greedy" and "ria" in solved and "init" not in knobs:
                     knobs["init"] = solved["ria"]
                 perm = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
                 solved[name] = perm
-                if not any(torch.equal(perm, kept) for kept in unique.values()):
-                    unique[name] = perm
-        return unique
+        return solved
 
     def _fold(self, site, perm, consumers, energy, selection, stats, start, **extra) -> None:
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score)
@@ -249,6 +252,15 @@ class PermutationSearch:
         })
         logger.info(f"{site.name}: objective {before:.4f} -> {after:.4f}" + (
             f", kept {selection['chosen_candidate']}" if selection else "") + f" ({seconds:.1f}s)")
+
+
+def _distinct(solved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``solved`` with a permutation found twice kept once, under its first name (no pass is spent twice)."""
+    unique: dict[str, torch.Tensor] = {}
+    for name, perm in solved.items():
+        if not any(torch.equal(perm, kept) for kept in unique.values()):
+            unique[name] = perm
+    return unique
 
 
 def _is_inside(module: nn.Module, container: nn.Module) -> bool:
