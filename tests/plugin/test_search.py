@@ -164,3 +164,16 @@ def test_per_layer_greedy_refines_ria_cheaply_and_the_residual_runs_greedy_at_it
             expected = solve_permutation(consumers, method="greedy", init=ria, **problem, block_size=site.block_size,
                                          **SELECT_LAYER_SOLVER_DEFAULTS["greedy"])
         assert torch.equal(found["greedy"], expected), site.kind
+
+
+@pytest.mark.parametrize("score", ["wanda", "sparsegpt"])
+def test_errors_on_a_row_sample_are_the_same_rows_errors_for_every_candidate(score):
+    """Rows are pruned independently, so the sampled error is the whole-weight error of those rows."""
+    weight, hessian = random_problem(rows=40)
+    orders = [torch.arange(32), torch.randperm(32, generator=torch.Generator().manual_seed(4))]
+    pruner = PrunerModel(score, 2, 4, block_size=16)
+    sampled = pruned_output_errors(weight, hessian, orders, pruner, rows=10)
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:10].sort().values
+    assert sampled == pytest.approx(pruned_output_errors(weight[chosen], hessian, orders, pruner, rows=None), rel=1e-5)
+    whole = pruned_output_errors(weight, hessian, orders, pruner, rows=None)
+    assert all(part < total for part, total in zip(sampled, whole))

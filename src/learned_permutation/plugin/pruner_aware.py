@@ -7,7 +7,13 @@ calibration inputs: with Wanda the pruned weight is Wanda's N:M mask in the cand
 SparseGPT it is SparseGPT's OBS result (``learned_permutation.math.obs``, the procedure of
 llm-compressor's ``sparsify_weight`` with the pruner's block size and dampening, batched over the
 candidates) on the permuted weight and Hessian, so the re-fit of the kept weights, which a mask-only
-score cannot see, decides too. Cost: about one pruner call on the Linear for all candidates together.
+score cannot see, decides too.
+
+Both pruners treat each weight row on its own given ``H`` (Wanda's mask is per row; SparseGPT's OBS
+update of a row reads only that row and ``H^-1``), so the error is a sum over rows, and candidates are
+compared on the same seeded sample of ``ERROR_ROWS`` rows: an unbiased estimate of the whole error up to
+a common factor, at a fraction of the cost (a 2048 x 8192 ``down_proj``: 8x less). Wanda's error is taken
+in the stored column order, so the Hessian is never copied per candidate; SparseGPT needs it permuted.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from learned_permutation.math import nm_mask
+from learned_permutation.math.objectives import mask_in_original_order
 from learned_permutation.math.obs import obs_prune
 from learned_permutation.math import score as pruning_score
 
-__all__ = ["PrunerModel", "pruned_output_errors"]
+__all__ = ["ERROR_ROWS", "PrunerModel", "pruned_output_errors"]
+
+ERROR_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -41,24 +49,29 @@ class PrunerModel:
             return cls(score, n, m, int(pruner.block_size), float(pruner.dampening_frac))
         return cls(score, n, m)
 
-    def prune(self, weights: torch.Tensor, hessians: torch.Tensor) -> torch.Tensor:
-        """Pruned ``weights`` ``[candidates, rows, cols]`` (fp32, same column order) given their input
-        Hessians ``[candidates, cols, cols]``."""
-        weights = weights.detach().float()
+    def pruned_away(self, weight: torch.Tensor, hessian: torch.Tensor, orders: list[torch.Tensor]) -> torch.Tensor:
+        """What pruning removes from ``weight`` (fp32 ``[rows, cols]``) after its input columns take each
+        order, ``[candidates, rows, cols]``, back in the stored column order."""
         if self.score == "sparsegpt":
-            return obs_prune(weights, hessians, self.n, self.m, self.block_size, self.dampening_frac)
-        return torch.stack([
-            weight * nm_mask(pruning_score(self.score, weight, hessian=hessian), self.n, self.m)
-            for weight, hessian in zip(weights, hessians)
-        ])
+            permuted = torch.stack([weight[:, order] for order in orders])
+            hessians = torch.stack([hessian[order][:, order] for order in orders])
+            deltas = permuted - obs_prune(permuted, hessians, self.n, self.m, self.block_size, self.dampening_frac)
+            removed = [delta[:, torch.argsort(order)] for delta, order in zip(deltas, orders)]
+        else:
+            scores = pruning_score(self.score, weight, hessian=hessian)
+            removed = [weight * ~mask_in_original_order(scores, order, self.n, self.m) for order in orders]
+        return torch.stack(removed)
 
 
 def pruned_output_errors(
-    weight: torch.Tensor, hessian: torch.Tensor, orders: list[torch.Tensor], pruner: PrunerModel
+    weight: torch.Tensor, hessian: torch.Tensor, orders: list[torch.Tensor], pruner: PrunerModel,
+    rows: int | None = ERROR_ROWS,
 ) -> list[float]:
-    """``tr(dW H dW^T)`` of ``weight`` pruned by ``pruner`` after its input columns take each order."""
+    """``tr(dW H dW^T)`` of ``weight`` pruned by ``pruner`` after its input columns take each order, over
+    a seeded sample of ``rows`` weight rows (every row when None or fewer), the same for all orders."""
     weight, hessian = weight.detach().float(), hessian.float()
-    permuted = torch.stack([weight[:, order] for order in orders])
-    permuted_hessian = torch.stack([hessian[order][:, order] for order in orders])
-    delta = permuted - pruner.prune(permuted, permuted_hessian)
-    return [float(e) for e in ((delta @ permuted_hessian) * delta).sum(dim=(-2, -1))]
+    if rows is not None and weight.shape[0] > rows:
+        chosen = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))[:rows]
+        weight = weight[chosen.sort().values.to(weight.device)]
+    orders = [order.to(weight.device) for order in orders]
+    return [float(((delta @ hessian) * delta).sum()) for delta in pruner.pruned_away(weight, hessian, orders)]
