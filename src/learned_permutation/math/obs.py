@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["obs_prune"]
+__all__ = ["damped_inverse", "obs_prune", "obs_prune_with_inverse"]
 
 
 def obs_prune(
@@ -22,15 +22,30 @@ def obs_prune(
 
     ``prune_n`` of every ``m`` consecutive columns are zeroed per row (llm-compressor's convention for
     its ``N:M`` mask structures, which prunes N of M; the two agree for 2:4 and 4:8)."""
-    weight = weight.detach().float().clone()
+    inverse, dead = damped_inverse(hessian, dampening)
+    return obs_prune_with_inverse(weight, inverse, dead, prune_n, m, block_size)
+
+
+def damped_inverse(hessian: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H + dampening * mean(diag H) I)^-1`` with dead inputs (zero diagonal) given a unit diagonal, and
+    the dead-input mask ``[..., cols]``. Both commute with a column order (the dampening uses the mean),
+    so one inverse serves every candidate order: ``inverse[order][:, order]``."""
     hessian = hessian.detach().float().clone()
-    columns = weight.shape[-1]
     diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     dead = diagonal == 0
-    diagonal.add_(dead.float())  # dead inputs: unit diagonal, weights zeroed
-    weight.masked_fill_(dead.unsqueeze(-2), 0.0)
+    diagonal.add_(dead.float())
     diagonal.add_(dampening * diagonal.mean(dim=-1, keepdim=True))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.cholesky_inverse(torch.linalg.cholesky(hessian)), dead
+
+
+def obs_prune_with_inverse(
+    weight: torch.Tensor, inverse: torch.Tensor, dead: torch.Tensor, prune_n: int, m: int, block_size: int = 128
+) -> torch.Tensor:
+    """``obs_prune`` from the damped inverse Hessian and dead-input mask of ``damped_inverse`` (in the
+    weight's column order)."""
+    weight = weight.detach().float().clone()
+    columns = weight.shape[-1]
+    weight.masked_fill_(dead.unsqueeze(-2), 0.0)
     factor = torch.linalg.cholesky(inverse, upper=True)
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)

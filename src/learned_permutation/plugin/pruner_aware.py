@@ -13,7 +13,8 @@ Both pruners treat each weight row on its own given ``H`` (Wanda's mask is per r
 update of a row reads only that row and ``H^-1``), so the error is a sum over rows, and candidates are
 compared on the same seeded sample of ``ERROR_ROWS`` rows: an unbiased estimate of the whole error up to
 a common factor, at a fraction of the cost (a 2048 x 8192 ``down_proj``: 8x less). Wanda's error is taken
-in the stored column order, so the Hessian is never copied per candidate; SparseGPT needs it permuted.
+in the stored column order, so the Hessian is never copied per candidate; SparseGPT's damped inverse
+Hessian is computed once and permuted per candidate (only its Cholesky factor depends on the order).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from learned_permutation.math.objectives import mask_in_original_order
-from learned_permutation.math.obs import obs_prune
+from learned_permutation.math.obs import damped_inverse, obs_prune_with_inverse
 from learned_permutation.math import score as pruning_score
 
 __all__ = ["ERROR_ROWS", "PrunerModel", "pruned_output_errors"]
@@ -53,9 +54,11 @@ class PrunerModel:
         """What pruning removes from ``weight`` (fp32 ``[rows, cols]``) after its input columns take each
         order, ``[candidates, rows, cols]``, back in the stored column order."""
         if self.score == "sparsegpt":
+            inverse, dead = damped_inverse(hessian, self.dampening_frac)  # once: it commutes with the orders
             permuted = torch.stack([weight[:, order] for order in orders])
-            hessians = torch.stack([hessian[order][:, order] for order in orders])
-            deltas = permuted - obs_prune(permuted, hessians, self.n, self.m, self.block_size, self.dampening_frac)
+            inverses = torch.stack([inverse[order][:, order] for order in orders])
+            deaths = torch.stack([dead[order] for order in orders])
+            deltas = permuted - obs_prune_with_inverse(permuted, inverses, deaths, self.n, self.m, self.block_size)
             removed = [delta[:, torch.argsort(order)] for delta, order in zip(deltas, orders)]
         else:
             scores = pruning_score(self.score, weight, hessian=hessian)
