@@ -138,18 +138,18 @@ def test_wanda_select_scores_candidates_with_wandas_mask(llama_dir, tmp_path):
         assert errors[site["chosen_candidate"]] <= errors["identity"]
 
 
-def test_per_layer_greedy_refines_ria_cheaply_and_the_residual_runs_greedy_at_its_defaults():
-    """select's solver knobs: per-layer sites get the cheap greedy (layer defaults, from ria's order);
-    the residual, one site for the whole model, the greedy method's own solve."""
+def test_greedy_candidate_refines_rias_order_with_selects_knobs():
+    """Under select the greedy candidate starts from ria's order, with the cheap knobs, at every site."""
     from learned_permutation.math import solve_permutation
     from learned_permutation.math.objectives import Consumer
-    from learned_permutation.plugin.modifier import SELECT_LAYER_SOLVER_DEFAULTS
+    from learned_permutation.plugin.modifier import SELECT_SOLVER_DEFAULTS
     from learned_permutation.plugin.search import PermutationSearch, SearchSettings
 
     model = build_tiny_model("llama")
     sites = find_sites(model, 4)
+    modifier = LearnedPermutationModifier(mask_structure="2:4")
     settings = SearchSettings(candidates=("identity", "ria", "greedy"), pruner=PrunerModel("wanda", 2, 4),
-                              layer_solver_defaults=SELECT_LAYER_SOLVER_DEFAULTS)
+                              solver_args=modifier._candidate_solver_args())
     search = PermutationSearch(model, sites, [], lambda site: [], settings, None, {})
     generator = torch.Generator().manual_seed(0)
     problem = dict(n=2, m=4, score_kind="wanda")
@@ -158,11 +158,8 @@ def test_per_layer_greedy_refines_ria_cheaply_and_the_residual_runs_greedy_at_it
                               act_sq=torch.rand(site.size, generator=generator) + 0.1)]
         found = search._solve(site, consumers)
         ria = solve_permutation(consumers, method="ria", **problem, block_size=site.block_size)
-        if site.kind == "residual":
-            expected = solve_permutation(consumers, method="greedy", **problem, block_size=site.block_size)
-        else:
-            expected = solve_permutation(consumers, method="greedy", init=ria, **problem, block_size=site.block_size,
-                                         **SELECT_LAYER_SOLVER_DEFAULTS["greedy"])
+        expected = solve_permutation(consumers, method="greedy", init=ria, **problem, block_size=site.block_size,
+                                     **SELECT_SOLVER_DEFAULTS["greedy"])
         assert torch.equal(found["greedy"], expected), site.kind
 
 

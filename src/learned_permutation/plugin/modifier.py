@@ -46,11 +46,11 @@ from learned_permutation.structure import SITE_KINDS, PermutationSite, find_site
 __all__ = ["LearnedPermutationModifier"]
 
 DEFAULT_CANDIDATES = ("identity", "ria", "greedy")
-# Under select, at the per-layer sites (two per layer) greedy only refines ria's order (plugin/search.py):
-# a row sample of 256 and one sweep keep nearly all of its gain at a fifth of the cost (576 x 1536
-# down_proj: 3 s instead of 48 s, one core). The residual, one site for the whole model, runs greedy at
-# its own defaults from the identity, as method greedy does (docs/results.md: its order differs).
-SELECT_LAYER_SOLVER_DEFAULTS = {"greedy": {"rows": 256, "sweeps": 1}}
+# Under select, greedy only refines ria's order (plugin/search.py): a row sample of 256 and one sweep
+# keep nearly all of its gain at a fifth of the cost (576 x 1536 down_proj: 3 s instead of 48 s, one core).
+# At the residual too: greedy's own defaults there cost 11.6 s of a 1B-shape run (results/scale) and their
+# order did not help select on SmolLM2 (docs/results.md).
+SELECT_SOLVER_DEFAULTS = {"greedy": {"rows": 256, "sweeps": 1}}
 
 
 class LearnedPermutationModifier(Modifier):
@@ -304,7 +304,6 @@ class LearnedPermutationModifier(Modifier):
                 pruner=PrunerModel.following(self._pruner, self._score_kind, self._n, self._m),
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
-                layer_solver_defaults=SELECT_LAYER_SOLVER_DEFAULTS if self.method == "select" else {},
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -325,11 +324,10 @@ class LearnedPermutationModifier(Modifier):
         return self.sync_pruner_statistics and pruner is not None and world_size() > 1
 
     def _candidate_solver_args(self) -> dict[str, dict]:
-        """The user's knobs per solver (with ``select``, on top of ``SELECT_LAYER_SOLVER_DEFAULTS`` at
-        per-layer sites)."""
+        """Knobs per solver: with ``select``, the user's on top of ``SELECT_SOLVER_DEFAULTS``."""
         if self.method != "select":
             return {self.method: dict(self.solver_args)}
-        return {name: dict(self.solver_args.get(name, {})) for name in self.candidates}
+        return {name: {**SELECT_SOLVER_DEFAULTS.get(name, {}), **self.solver_args.get(name, {})} for name in self.candidates}
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()

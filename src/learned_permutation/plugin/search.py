@@ -52,15 +52,13 @@ RESIDUAL_SCORING_TOKENS = 4096
 @dataclass(frozen=True)
 class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
-    more than one; ``solver_args`` maps a solver name to the user's knobs; ``layer_solver_defaults``
-    to knobs under them at the per-layer sites only; ``end_to_end``: the budget of the end-to-end
-    learning that follows (None: none)."""
+    more than one; ``solver_args`` maps a solver name to its knobs; ``end_to_end``: the budget of the
+    end-to-end learning that follows (None: none)."""
 
     candidates: tuple[str, ...]
     pruner: PrunerModel
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
-    layer_solver_defaults: dict[str, dict] = field(default_factory=dict)
     end_to_end: EndToEndArgs | None = None
 
 
@@ -215,20 +213,16 @@ class PermutationSearch:
     def _solve(self, site: PermutationSite, consumers: list) -> dict[str, torch.Tensor]:
         """Each candidate solver's permutation.
 
-        At a per-layer site, ``greedy`` swaps start from ``ria``'s order when both are candidates (and no
-        ``init`` is given): far fewer swaps are left to find, which with ``layer_solver_defaults`` keeps
-        the per-layer work small (``benchmarks/scale.py``). The residual, one site, runs each solver at
-        its defaults: there ``greedy`` from the identity found an order that ``ria`` plus refinement
-        does not (``docs/results.md``)."""
-        per_layer = site.kind != "residual"
+        Among several candidates, ``greedy`` swaps start from ``ria``'s order when both are asked for
+        (and no ``init`` is given): far fewer swaps are left to find, which is what keeps the per-layer
+        work small (``benchmarks/scale.py``)."""
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score,
                        block_size=site.block_size)
         solved: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
-                defaults = self.settings.layer_solver_defaults.get(name, {}) if per_layer else {}
-                knobs = {"seed": self.settings.seed, **defaults, **self.settings.solver_args.get(name, {})}
-                if per_layer and name == "greedy" and "ria" in solved and "init" not in knobs:
+                knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
+                if name == "greedy" and "ria" in solved and "init" not in knobs:
                     knobs["init"] = solved["ria"]
                 perm = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
                 solved[name] = perm
