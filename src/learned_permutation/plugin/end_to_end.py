@@ -51,7 +51,7 @@ from learned_permutation.math.straight_through import (
     soft_permutation,
 )
 from learned_permutation.plugin.pruner_aware import PrunerModel
-from learned_permutation.plugin.selection import head_losses
+from learned_permutation.plugin.selection import head_losses, predicting_positions
 from learned_permutation.structure import PermutationSite
 
 __all__ = ["EndToEndArgs", "EndToEndLearning", "split_sample"]
@@ -330,7 +330,7 @@ class EndToEndLearning:
 
     def _masks(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["attention_mask"].to(self.device).bool()
-        return mask, mask[:, 1:] & mask[:, :-1]
+        return mask, predicting_positions(mask)
 
     def _loss(self, batch: dict, targets: dict) -> dict[str, torch.Tensor]:
         args = self.args

@@ -34,6 +34,7 @@ __all__ = [
     "final_hidden",
     "head_losses",
     "leading_rows",
+    "predicting_positions",
     "prediction_losses",
     "scored_positions",
 ]
@@ -114,7 +115,7 @@ def leading_rows(sample: dict, tokens: int) -> tuple[dict, int]:
     mask = sample["attention_mask"]
     rows = max(1, int((mask.sum(dim=1).cumsum(0) <= tokens).sum()))
     part = {key: value[:rows] for key, value in sample.items()}
-    scored = int((part["attention_mask"][:, 1:] * part["attention_mask"][:, :-1]).sum())
+    scored = int(predicting_positions(part["attention_mask"]).sum())
     return part, scored
 
 
@@ -128,10 +129,14 @@ def _right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def predicting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[rows, len - 1]`` bool: position ``t`` is real and so is the token ``t + 1`` it predicts."""
+    return (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+
+
 def scored_positions(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     """The final hidden states that predict a next token: every non-padded position but each row's last."""
-    mask = batch["attention_mask"].to(hidden.device)
-    return hidden[:, :-1][(mask[:, 1:] * mask[:, :-1]).bool()]
+    return hidden[:, :-1][predicting_positions(batch["attention_mask"].to(hidden.device))]
 
 
 def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, dense: torch.Tensor | None = None):
@@ -179,8 +184,7 @@ def prediction_losses(
     hidden = scored_positions(final_hidden(model, batch, device), batch)
     if hidden.shape[0] == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")
-    mask = batch["attention_mask"]
-    labels = batch["input_ids"][:, 1:][(mask[:, 1:] * mask[:, :-1]).bool()].to(hidden.device)
+    labels = batch["input_ids"][:, 1:][predicting_positions(batch["attention_mask"])].to(hidden.device)
     ce, kl = head_losses(model.get_output_embeddings(), hidden, labels, dense)
     losses = {"ce": float(ce) / len(labels)}
     if dense is not None:
