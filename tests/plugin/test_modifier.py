@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,10 +152,10 @@ def test_pruned_checkpoint_reloads_exact_nm_and_leaves_embeddings_to_the_permuta
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "sequential"])
-def test_select_keeps_each_sites_best_candidate(llama_dir, tmp_path, pipeline):
-    """Per-layer sites keep the candidate with the lowest pruner output error, the residual the one
-    whose simulated pruning diverges least from the dense model on the calibration sample; the saved
-    model is exact 2:4."""
+def test_select_folds_the_configuration_closest_to_the_dense_model(llama_dir, tmp_path, pipeline):
+    """Each candidate solver's configuration (its permutation at every site) and the lowest-pruner-error
+    mix are scored by simulated-pruning KL on the calibration sample; the lowest is folded at every
+    site; the saved model is exact 2:4."""
     recipe = [
         LearnedPermutationModifier(mask_structure="2:4"),
         WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
@@ -162,13 +163,21 @@ def test_select_keeps_each_sites_best_candidate(llama_dir, tmp_path, pipeline):
     run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out", pipeline=pipeline)
     assert_exact_nm(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32), 2, 4)
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
-    for site in report["sites"]:
-        if site["kind"] == "residual":
-            scores = {label: losses["kl"] for label, losses in site["candidate_calibration_losses"].items()}
-        else:
-            scores = site["candidate_pruned_errors"]
-        assert "identity" in scores and set(scores) <= {"identity", "ria", "greedy"}, site["site"]
-        assert site["chosen_candidate"] == min(scores, key=scores.get)
+    losses = {label: found["kl"] for label, found in report["configuration_calibration_losses"].items()}
+    assert {"identity", "ria", "greedy"} <= set(losses), losses
+    chosen = report["chosen_configuration"]
+    assert chosen == min(losses, key=losses.get)
+    per_layer = [site for site in report["sites"] if site["kind"] != "residual"]
+    if chosen == "lowest pruner error":
+        for site in per_layer:
+            errors = site["candidate_pruned_errors"]
+            assert errors[site["chosen_candidate"]] == min(errors.values()), site["site"]
+    else:
+        saved = load_file(tmp_path / "out" / PERMUTATIONS_FILE)
+        for site in report["sites"]:
+            kept = site["chosen_candidate"]
+            assert kept == chosen or site["candidate_objectives"][kept] == site["candidate_objectives"][chosen], site
+            assert saved[site["site"]].numel() == site["channels"]
     assert {site["kind"] for site in report["sites"]} == {"residual", "mlp", "attn_vo"}
     assert sum(report["phase_seconds"].values()) == pytest.approx(report["total_seconds"], abs=0.05)
 

@@ -125,22 +125,34 @@ def test_losses_reject_data_without_token_pairs():
         prediction_losses(model, {"input_ids": torch.tensor([[5]])})
 
 
+def random_site_permutation(site, seed):
+    """A random permutation of ``site`` that keeps every channel in its block (attn_vo: its head)."""
+    generator = torch.Generator().manual_seed(seed)
+    block = site.block_size or site.size
+    return torch.cat([start + torch.randperm(block, generator=generator) for start in range(0, site.size, block)])
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind):
+@pytest.mark.parametrize("kinds", [("residual",), ("residual", "mlp", "attn_vo")])
+def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
+    """A configuration (one permutation per site) simulated in the stored order computes what the model
+    folded with it and pruned in storage order computes; the per-layer sites' consumers included."""
     model = build_tiny_model(kind)
     data = batches(model.config.vocab_size)
     act_sq = input_energy(model, data)
-    residual = find_sites(model, M, kinds=("residual",))[0]
-    readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
-    perm = torch.randperm(residual.size, generator=torch.Generator().manual_seed(3))
+    sites = find_sites(model, M, kinds=kinds)
+    perms = [random_site_permutation(site, 3 + index) for index, site in enumerate(sites)]
+    orders = {named.module: site.consumer_column_index(perm) for site, perm in zip(sites, perms)
+              for named in site.consumer_modules if named.module in act_sq}
     batch = data[0]
     dense = dense_positions(model, batch)
     dense_loss = prediction_losses(model, batch)["ce"]
 
-    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).losses(model, batch, dense, dict.fromkeys(readers, perm))
+    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).losses(model, batch, dense, orders)
 
     folded = copy.deepcopy(model)
-    fold_permutation(folded, find_sites(folded, M, kinds=("residual",))[0], perm)
+    for site, perm in zip(find_sites(folded, M, kinds=kinds), perms):
+        fold_permutation(folded, site, perm)
     folded_dense = dense_positions(folded, batch)  # its hidden states live in the permuted basis
     folded_act_sq = input_energy(folded, data)
     wanda_prune_in_storage_order(folded, folded_act_sq)

@@ -359,6 +359,7 @@ class LearnedPermutationModifier(Modifier):
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",
             "total_seconds": round(search.phases.get("total", 0.0), 3) if search else 0.0,
             "phase_seconds": {k: round(v, 3) for k, v in search.phases.items() if k != "total"} if search else {},
+            **(search.selection if search else {}),
             "sites": list(search.report) if search else [],
             **({"end_to_end": search.end_to_end_report} if search and search.end_to_end_report else {}),
         }

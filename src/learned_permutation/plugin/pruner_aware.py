@@ -14,7 +14,8 @@ update of a row reads only that row and ``H^-1``), so the error is a sum over ro
 compared on the same seeded sample of ``ERROR_ROWS`` rows: an unbiased estimate of the whole error up to
 a common factor, at a fraction of the cost (a 2048 x 8192 ``down_proj``: 8x less). Wanda's error is taken
 in the stored column order, so the Hessian is never copied per candidate; SparseGPT's damped inverse
-Hessian is computed once and permuted per candidate (only its Cholesky factor depends on the order).
+Hessian is computed once and permuted per candidate (only its Cholesky factor depends on the order);
+candidates share one OBS pass only while their inverses stay small (``OBS_BATCH_BYTES``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from learned_permutation.math import score as pruning_score
 __all__ = ["ERROR_ROWS", "PrunerModel", "pruned_output_errors"]
 
 ERROR_ROWS = 256
+# SparseGPT candidates share one OBS pass (its per-column loop is paid once) while their permuted inverse
+# Hessians fit in this many bytes; a wide Linear (8192 inputs: 256 MiB each) takes them one at a time, so
+# the extra memory stays about that of the pruner's own inverse Hessian.
+OBS_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,15 @@ class PrunerModel:
         order, ``[candidates, rows, cols]``, back in the stored column order."""
         if self.score == "sparsegpt":
             inverse, dead = damped_inverse(hessian, self.dampening_frac)  # once: it commutes with the orders
-            permuted = torch.stack([weight[:, order] for order in orders])
-            inverses = torch.stack([inverse[order][:, order] for order in orders])
-            deaths = torch.stack([dead[order] for order in orders])
-            deltas = permuted - obs_prune_with_inverse(permuted, inverses, deaths, self.n, self.m, self.block_size)
-            removed = [delta[:, torch.argsort(order)] for delta, order in zip(deltas, orders)]
+            per_batch = max(1, OBS_BATCH_BYTES // (4 * inverse.numel()))
+            removed = []
+            for start in range(0, len(orders), per_batch):
+                batch = orders[start : start + per_batch]
+                permuted = torch.stack([weight[:, order] for order in batch])
+                inverses = torch.stack([inverse[order][:, order] for order in batch])
+                deaths = torch.stack([dead[order] for order in batch])
+                deltas = permuted - obs_prune_with_inverse(permuted, inverses, deaths, self.n, self.m, self.block_size)
+                removed += [delta[:, torch.argsort(order)] for delta, order in zip(deltas, batch)]
         else:
             scores = pruning_score(self.score, weight, hessian=hessian)
             removed = [weight * ~mask_in_original_order(scores, order, self.n, self.m) for order in orders]

@@ -1,24 +1,30 @@
-"""The modifier's own work: one bounded pass over a calibration sample, then the residual choice.
+"""The modifier's own work: one bounded pass over a calibration sample, then one choice for the whole model.
 
 Everything is decided at calibration start, before any pruner has seen an activation, so nothing a
 pruner accumulates ever needs re-indexing, in the independent and the sequential pipeline alike.
 
 1. Layer pass: one forward of the decoder over ``calibration_sample`` tokens (one batch), with hooks
    that gather the input energy of every targeted Linear and the Hessian ``X^T X`` of each per-layer
-   site's consumer. When a decoder layer has run, its sites are decided from that layer alone
-   (candidates ranked by the pruner's own output error, ``plugin/pruner_aware.py``) and folded, its
-   Hessians dropped, and its residual readers contribute sampled rows (``plugin/residual_sample.py``).
-   Extra memory: one layer's Hessians and the captured sample's activations.
-2. Residual: candidates solved on the sampled rows, ranked by the KL divergence from the dense model
-   (whose predictions the layer pass kept) of the model pruned in simulation, on the sample's first
-   ``RESIDUAL_SCORING_TOKENS`` (``plugin/selection.py``): one forward per candidate. The KL compares
-   whole predicted distributions of the same tokens, far less noisy than the cross-entropy of the
-   sampled next tokens, so half of the default sample is scored, at half the cost.
+   site's consumer. When a decoder layer has run, each candidate solver permutes its sites from that
+   layer alone, the output error the pruner itself would leave is measured for each candidate
+   (``plugin/pruner_aware.py``), the Hessians are dropped, and the layer's residual readers contribute
+   sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's Hessians and the sample's
+   activations.
+2. Residual: each candidate solver permutes the residual stream from the sampled rows.
+3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
+   configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
+   kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
+   ``RESIDUAL_SCORING_TOKENS``; then the configuration that takes, at each per-layer site, the candidate
+   with the lowest pruner error, with the best residual so far. The lowest KL is folded. The layer-wise
+   objective and the pruner's per-Linear error both rank permutations close to chance on held-out
+   text, while this calibration KL ranks whole configurations as held-out KL does
+   (``results/ablations/``); and mixing sites from different solvers did worse than either solver's
+   own configuration on SmolLM2-135M (``docs/results.md``).
 
-So the cost is one forward over the sample, one over half of it per residual candidate, and the solves,
+So the cost is one forward over the sample, one over half of it per configuration, and the solves,
 whatever the depth.
 
-3. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
+4. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
    model on its calibration loss (``plugin/end_to_end.py``), folded on top when they beat it.
 """
 
@@ -47,6 +53,7 @@ from learned_permutation.structure.offload import read_parameter
 __all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
 
 RESIDUAL_SCORING_TOKENS = 4096
+LOWEST_ERROR = "lowest pruner error"
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class PermutationSearch:
         self.residual = next((s for s in sites if s.kind == "residual"), None)
         self.layer_sites = [s for s in sites if s.kind != "residual"]
         self.report: list[dict] = []
+        self.candidates: dict[PermutationSite, SiteCandidates] = {}
+        self.selection: dict = {}
         self.permutations: dict[str, torch.Tensor] = {}
         self.phases: dict[str, float] = {}
         self.end_to_end_report: dict | None = None
@@ -91,17 +100,18 @@ class PermutationSearch:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
         energy, readers, dense = self._layer_pass(sample, device)
-        self.phases["layer pass (statistics, per-layer sites)"] = time.perf_counter() - start
+        self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
-            self._decide_residual(sample, device, energy, readers, dense)
+            self._solve_residual(energy, readers)
+        self._choose_configuration(sample, device, energy, dense)
         if self.settings.end_to_end is not None:
             self._learn_end_to_end(end_to_end_sample, device, energy)
 
     # ------------------------------------------------------------------ layer pass
 
     def _layer_pass(self, sample: dict, device) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
-        """Statistics, per-layer decisions, residual row sample, and the dense model's final hidden
-        states at the sample's scored positions (folds never change what the model computes)."""
+        """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
+        states at the sample's scored positions (nothing is folded before the whole pass has run)."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True)
         layers = self.model.get_decoder().layers
@@ -123,7 +133,7 @@ class PermutationSearch:
                 dense = scored_positions(final_hidden(self.model, sample, device), sample)
         finally:
             self.hooks.remove_hooks(handles)
-        missing = [s.name for s in self.layer_sites if s.name not in self.permutations and self.targeted(s)]
+        missing = [s.name for s in self.layer_sites if s not in self.candidates and self.targeted(s)]
         if missing:
             raise RuntimeError(f"LearnedPermutationModifier: the calibration pass never reached {missing}")
         return energy, readers, dense
@@ -132,31 +142,36 @@ class PermutationSearch:
         for site in [s for s in self.layer_sites if s.layer_index == index]:
             stats = hessians.pop(self.targeted(site))
             if stats:
-                self._decide_layer_site(site, stats, energy)
+                self._solve_layer_site(site, stats)
         for module in layer_readers:
             if module in energy.sums:
                 readers.add(read_parameter(module, "weight"), energy.sums[module])
 
-    def _decide_layer_site(self, site: PermutationSite, stats: dict, energy: InputStatistics) -> None:
+    def _solve_layer_site(self, site: PermutationSite, stats: dict) -> None:
+        """The site's candidates and, among several, the output error each leaves after the pruner
+        (``plugin/pruner_aware.py``); its Hessians are dropped afterwards."""
         start = time.perf_counter()
         check_finite_statistics(stats, self.names)
         consumers = site.consumers_from_stats(stats)
-        candidates = _distinct(self._solve(site, consumers))
+        solved = self._solve(site, consumers)
         errors = {}
-        if len(candidates) > 1:
-            orders = [site.consumer_column_index(perm) for perm in candidates.values()]
-            totals = [0.0] * len(orders)
-            for module, hessian in stats.items():
-                found = pruned_output_errors(read_parameter(module, "weight"), hessian, orders, self.settings.pruner)
-                totals = [total + error for total, error in zip(totals, found)]
-            errors = dict(zip(candidates, totals))
-        chosen = min(errors, key=errors.get) if errors else next(iter(candidates))
-        selection = {"candidate_pruned_errors": errors, "chosen_candidate": chosen} if errors else {}
-        self._fold(site, candidates[chosen], consumers, energy, selection, stats, start)
+        if len(_distinct(solved)) > 1:
+            errors = _per_distinct(solved, lambda perms: self._pruner_errors(site, stats, perms))
+        self.candidates[site] = SiteCandidates(
+            solved, self._objectives(site, consumers, solved), [self.names[m] for m in stats], errors,
+            time.perf_counter() - start)
+
+    def _pruner_errors(self, site: PermutationSite, stats: dict, perms: list[torch.Tensor]) -> list[float]:
+        orders = [site.consumer_column_index(perm) for perm in perms]
+        totals = [0.0] * len(orders)
+        for module, hessian in stats.items():
+            found = pruned_output_errors(read_parameter(module, "weight"), hessian, orders, self.settings.pruner)
+            totals = [total + error for total, error in zip(totals, found)]
+        return totals
 
     # ------------------------------------------------------------------ residual
 
-    def _decide_residual(self, sample, device, energy: InputStatistics, readers: ReaderRowSample, dense) -> None:
+    def _solve_residual(self, energy: InputStatistics, readers: ReaderRowSample) -> None:
         start = time.perf_counter()
         site = self.residual
         if not readers.consumers:
@@ -165,31 +180,57 @@ class PermutationSearch:
                 "pruner; remove 'residual' from sites or target those Linears."
             )
         check_finite_statistics(dict(energy.sums), self.names)
-        candidates = _distinct(self._solve(site, readers.consumers))
+        solved = self._solve(site, readers.consumers)
+        names = [self.names[n.module] for n in site.consumer_modules if n.module in energy.sums]
+        self.candidates[site] = SiteCandidates(
+            solved, self._objectives(site, readers.consumers, solved), names, {}, time.perf_counter() - start,
+            {"sampled_rows": readers.sampled_rows})
         self.phases["residual solves"] = time.perf_counter() - start
-        losses = {}
-        if len(candidates) > 1:
-            select_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ whole-model choice
+
+    def _choose_configuration(self, sample, device, energy: InputStatistics, dense) -> None:
+        """Fold the configuration (a permutation for every site) whose simulated pruning diverges least
+        from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``: each candidate solver's
+        own configuration, then the per-layer candidates with the lowest pruner error under the best
+        residual so far. One forward per configuration, whatever the depth."""
+        start = time.perf_counter()
+        configurations = _distinct_configurations(
+            {label: {site: found.perms[label] for site, found in self.candidates.items()}
+             for label in self.settings.candidates})
+        losses: dict[str, dict[str, float]] = {}
+        if len(configurations) > 1:
             act_sq = {m: energy.sums[m] for m in self.pruned if m in energy.sums}
             simulation = SimulatedPruning(self.hooks, act_sq, self.settings.pruner.score,
                                           self.settings.pruner.n, self.settings.pruner.m, device)
-            readers_here = [named.module for named in site.consumer_modules if named.module in act_sq]
             scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
-            for label, perm in candidates.items():
-                orders = dict.fromkeys(readers_here, site.consumer_column_index(perm))
-                losses[label] = simulation.losses(self.model, scoring, dense[:scored], orders)
-            if not all(math.isfinite(value) for loss in losses.values() for value in loss.values()):
-                raise ValueError(
-                    f"residual: the simulated-pruning calibration loss is not finite ({losses}): the model "
-                    "produces NaN or inf logits on the calibration data; check its dtype (float32 or "
-                    "bfloat16, not float16)."
-                )
-            self.phases["residual selection passes"] = time.perf_counter() - select_start
-        chosen = min(losses, key=lambda label: losses[label]["kl"]) if losses else next(iter(candidates))
-        selection = {"candidate_calibration_losses": losses, "chosen_candidate": chosen,
-                     "scored_tokens": int(scoring["attention_mask"].sum())} if losses else {}
-        self._fold(site, candidates[chosen], readers.consumers, energy, selection, None, start,
-                   sampled_rows=readers.sampled_rows)
+
+            def score(configuration: dict) -> dict[str, float]:
+                orders = {named.module: site.consumer_column_index(perm)
+                          for site, perm in configuration.items() for named in site.consumer_modules
+                          if named.module in act_sq}
+                return simulation.losses(self.model, scoring, dense[:scored], orders)
+
+            for label, configuration in configurations.items():
+                losses[label] = score(configuration)
+            lowest_error = self._lowest_error_configuration(configurations[_lowest_kl(losses)])
+            if lowest_error is not None and not any(_same_configuration(lowest_error, c) for c in configurations.values()):
+                configurations[LOWEST_ERROR] = lowest_error
+                losses[LOWEST_ERROR] = score(lowest_error)
+            _check_finite(losses)
+            self.selection = {"configuration_calibration_losses": losses, "chosen_configuration": _lowest_kl(losses),
+                              "scored_tokens": int(scoring["attention_mask"].sum())}
+            self.phases["configuration passes"] = time.perf_counter() - start
+        chosen = configurations[_lowest_kl(losses)] if losses else next(iter(configurations.values()))
+        for site in [s for s in [self.residual, *self.layer_sites] if s in self.candidates]:
+            self._fold(site, chosen[site], energy)
+
+    def _lowest_error_configuration(self, best: dict) -> dict | None:
+        """``best`` with each per-layer site's candidate of lowest pruner output error; None without errors."""
+        sites = {site: found for site, found in self.candidates.items() if found.errors}
+        if not sites:
+            return None
+        return {**best, **{site: found.perms[min(found.errors, key=found.errors.get)] for site, found in sites.items()}}
 
     # ------------------------------------------------------------------ end to end
 
@@ -211,50 +252,96 @@ class PermutationSearch:
     # ------------------------------------------------------------------ shared
 
     def _solve(self, site: PermutationSite, consumers: list) -> dict[str, torch.Tensor]:
-        """Each candidate solver's permutation.
-
-        Among several candidates, ``greedy`` swaps start from ``ria``'s order when both are asked for
-        (and no ``init`` is given): far fewer swaps are left to find, which is what keeps the per-layer
-        work small (``benchmarks/scale.py``)."""
+        """Each candidate solver's permutation, every solver from the stored order."""
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score,
                        block_size=site.block_size)
         solved: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
                 knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
-                if name == "greedy" and "ria" in solved and "init" not in knobs:
-                    knobs["init"] = solved["ria"]
-                perm = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
-                solved[name] = perm
+                solved[name] = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
         return solved
 
-    def _fold(self, site, perm, consumers, energy, selection, stats, start, **extra) -> None:
+    def _objectives(self, site, consumers, solved: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The layer-wise objective of the stored order (``identity``) and of every candidate."""
         problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score)
-        before = reconstruction_error(consumers, torch.arange(site.size), **problem)
-        after = reconstruction_error(consumers, perm, **problem)
+        return _per_distinct({"identity": torch.arange(site.size), **solved},
+                             lambda perms: [reconstruction_error(consumers, perm, **problem) for perm in perms])
+
+    def _fold(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics) -> None:
+        found = self.candidates[site]
         fold_permutation(self.model, site, perm)
         columns = site.consumer_column_index(perm)
         for named in site.consumer_modules:
             energy.permute_inputs(named.module, columns)
         self.permutations[site.name] = perm
-        names = [self.names[m] for m in stats] if stats is not None else [self.names[n.module] for n in site.consumer_modules if n.module in energy.sums]
-        seconds = time.perf_counter() - start
+        label = next(label for label, candidate in found.perms.items() if torch.equal(candidate, perm))
+        several = len(found.perms) > 1
         self.report.append({
-            "site": site.name, "kind": site.kind, "channels": site.size, "consumers": names,
-            "objective_before": before, "objective_after": after, **selection, **extra,
-            "seconds": round(seconds, 3),
+            "site": site.name, "kind": site.kind, "channels": site.size, "consumers": found.consumers,
+            "objective_before": found.objectives["identity"], "objective_after": found.objectives[label],
+            **({"candidate_objectives": found.objectives, "chosen_candidate": label} if several else {}),
+            **({"candidate_pruned_errors": found.errors} if found.errors else {}),
+            **found.extra, "seconds": round(found.seconds, 3),
         })
-        logger.info(f"{site.name}: objective {before:.4f} -> {after:.4f}" + (
-            f", kept {selection['chosen_candidate']}" if selection else "") + f" ({seconds:.1f}s)")
+        logger.info(f"{site.name}: objective {found.objectives['identity']:.4f} -> {found.objectives[label]:.4f}"
+                    + (f", kept {label}" if several else "") + f" ({found.seconds:.1f}s)")
+
+
+@dataclass
+class SiteCandidates:
+    """One site's candidate permutations (by solver), their layer-wise objectives (``identity``: the
+    stored order), the consumers' names, the pruner errors of a per-layer site's candidates (when
+    compared), the seconds spent, and extra report fields."""
+
+    perms: dict[str, torch.Tensor]
+    objectives: dict[str, float]
+    consumers: list[str]
+    errors: dict[str, float]
+    seconds: float
+    extra: dict = field(default_factory=dict)
 
 
 def _distinct(solved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``solved`` with a permutation found twice kept once, under its first name (no pass is spent twice)."""
+    """``solved`` with a permutation found twice kept once, under its first name (no work is done twice)."""
     unique: dict[str, torch.Tensor] = {}
     for name, perm in solved.items():
         if not any(torch.equal(perm, kept) for kept in unique.values()):
             unique[name] = perm
     return unique
+
+
+def _per_distinct(perms: dict[str, torch.Tensor], measure: Callable[[list[torch.Tensor]], list[float]]) -> dict[str, float]:
+    """``measure`` of every labelled permutation, computed once per distinct permutation."""
+    unique = _distinct(perms)
+    values = dict(zip(unique, measure(list(unique.values()))))
+    return {label: next(values[first] for first, kept in unique.items() if torch.equal(kept, perm))
+            for label, perm in perms.items()}
+
+
+def _same_configuration(first: dict, second: dict) -> bool:
+    return all(torch.equal(first[site], second[site]) for site in first)
+
+
+def _distinct_configurations(configurations: dict[str, dict]) -> dict[str, dict]:
+    """Configurations with one found twice (every site's permutation equal) kept once, under its first name."""
+    unique: dict[str, dict] = {}
+    for label, configuration in configurations.items():
+        if not any(_same_configuration(configuration, kept) for kept in unique.values()):
+            unique[label] = configuration
+    return unique
+
+
+def _lowest_kl(losses: dict[str, dict[str, float]]) -> str:
+    return min(losses, key=lambda label: losses[label]["kl"])
+
+
+def _check_finite(losses: dict[str, dict[str, float]]) -> None:
+    if not all(math.isfinite(value) for loss in losses.values() for value in loss.values()):
+        raise ValueError(
+            f"the simulated-pruning calibration loss is not finite ({losses}): the model produces NaN or inf "
+            "logits on the calibration data; check its dtype (float32 or bfloat16, not float16)."
+        )
 
 
 def _is_inside(module: nn.Module, container: nn.Module) -> bool:
