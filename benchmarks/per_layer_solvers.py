@@ -40,17 +40,23 @@ SETTINGS = {
     "greedy rows 256, 3 sweeps": ("greedy", {"rows": 256, "sweeps": 3}),
     "greedy rows 1024, 3 sweeps (its defaults)": ("greedy", {}),
     "greedy from ria, rows 256, 1 sweep": ("greedy", {"rows": 256, "sweeps": 1, "from": "ria"}),
+    "greedy rows 512, 1 sweep": ("greedy", {"rows": 512, "sweeps": 1}),
+    "greedy every row, 1 sweep": ("greedy", {"rows": None, "sweeps": 1}),
+    "greedy rows 1024, 1 sweep, mlp only": ("greedy", {"rows": 1024, "sweeps": 1, "kinds": ("mlp",)}),
+    "greedy rows 512, 1 sweep, mlp only": ("greedy", {"rows": 512, "sweeps": 1, "kinds": ("mlp",)}),
+    "greedy rows 1024, 1 sweep, attn_vo only": ("greedy", {"rows": 1024, "sweeps": 1, "kinds": ("attn_vo",)}),
 }
 
 
 def solve_sites(model, act_sq: dict, method: str, knobs: dict) -> tuple[dict, float, float]:
     """Each per-layer site's permutation by ``method``, the mean layer-wise objective, the solve seconds."""
     perms, objectives, seconds = {}, [], 0.0
-    for site in find_sites(model, M, kinds=("mlp", "attn_vo")):
+    kinds = knobs.get("kinds", ("mlp", "attn_vo"))
+    for site in find_sites(model, M, kinds=kinds):
         consumers = site.consumers_from_stats({n.module: act_sq[n.module] for n in site.consumer_modules})
         problem = dict(n=N, m=M, score_kind=SCORE, block_size=site.block_size)
         start = time.perf_counter()
-        extra = dict(knobs)
+        extra = {key: value for key, value in knobs.items() if key != "kinds"}
         if extra.pop("from", None) == "ria":
             extra["init"] = solve_permutation(consumers, method="ria", **problem)
         perms[site.name] = solve_permutation(consumers, method=method, **problem, **extra)
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
         method, knobs = SETTINGS[label]
         perms, objective, seconds = solve_sites(dense, act_sq_of_sample, method, knobs)
         model = copy.deepcopy(dense)
-        for site in find_sites(model, M, kinds=("mlp", "attn_vo")):
+        for site in find_sites(model, M, kinds=knobs.get("kinds", ("mlp", "attn_vo"))):
             fold_permutation(model, site, perms[site.name])
         linears, act_sq, _ = energies(model, full)  # the pruner's energies: the whole calibration set
         _, _, dense_hidden = energies(model, scoring)

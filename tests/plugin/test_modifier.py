@@ -228,8 +228,10 @@ def test_sequential_and_independent_pipelines_prune_alike(llama_dir):
             SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
         ]
 
-    independent = run_oneshot(llama_dir, recipe(), pipeline="independent")
-    sequential = run_oneshot(llama_dir, recipe(), pipeline="sequential")
+    # Unshuffled: SparseGPT's Hessian sums depend on the sample order in the last float bits, which can
+    # flip a near-tie in its mask; the modifier's own sample is order-free (plugin/selection.py).
+    independent = run_oneshot(llama_dir, recipe(), pipeline="independent", shuffle_calibration_samples=False)
+    sequential = run_oneshot(llama_dir, recipe(), pipeline="sequential", shuffle_calibration_samples=False)
     assert_exact_nm(sequential, 2, 4)
     reference = logits(independent)
     assert (logits(sequential) - reference).abs().max() <= 1e-3 * reference.abs().max()

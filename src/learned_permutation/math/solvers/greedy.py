@@ -43,44 +43,85 @@ def solve_greedy(
         changed = False
         for window_positions in group_windows(domains, problem.m, window, generator):
             window_positions = window_positions.to(problem.device)
-            for _ in range(max_iters):
-                swapped = _swap_round(problem, scores, retained, perm, window_positions)
-                changed |= swapped
-                if not swapped:
-                    break
+            changed |= _improve_window(problem, scores, retained, perm, window_positions, max_iters)
         if not changed or all(len(domain) <= window for domain in domains):
             break  # converged, or every domain fits one window so another sweep sees the same swaps
     return perm
 
 
-def _swap_round(
-    problem: SiteProblem, scores: torch.Tensor, retained: GroupRetained, perm: torch.Tensor, positions: torch.Tensor
+def _improve_window(
+    problem: SiteProblem, scores: torch.Tensor, retained: GroupRetained, perm: torch.Tensor, positions: torch.Tensor,
+    max_iters: int,
 ) -> bool:
-    """Apply the best disjoint improving swaps of one window in place; False when none improves."""
-    n, m = problem.n, problem.m
-    grouped = scores[:, perm[positions]].reshape(scores.shape[0], -1, m)
-    groups = grouped.shape[1]
-    slot_top, slot_threshold = slot_statistics(grouped, n)
-    values = insertion_values(slot_top.flatten(1), slot_threshold.flatten(1), grouped.flatten(1))
-    current = group_retained(grouped, n).repeat_interleave(m)
-    gain = values + values.T - current[:, None] - current[None, :]
-    group_of = torch.arange(groups * m, device=gain.device) // m
+    """Swap rounds on one window until none improves (at most ``max_iters``); True if any swap was made."""
+    window = WindowValues(problem, scores, perm, positions)
+    changed = False
+    for _ in range(max_iters):
+        swapped = _swap_round(problem, window, retained, perm, positions)
+        if swapped is None:
+            break
+        changed = True
+        window.update(perm, swapped)
+    return changed
+
+
+def _swap_round(
+    problem: SiteProblem, window: WindowValues, retained: GroupRetained, perm: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor | None:
+    """Apply the best disjoint improving swaps of one window in place; the window-local positions they
+    moved, or None when none improves."""
+    m = problem.m
+    gain = window.values + window.values.T - window.current[:, None] - window.current[None, :]
+    group_of = torch.arange(gain.shape[0], device=gain.device) // m
     gain[group_of[:, None] == group_of[None, :]] = -torch.inf
-    pairs = disjoint_best_pairs(gain, groups, m)
+    pairs = disjoint_best_pairs(gain, gain.shape[0] // m, m)
     if not pairs:
-        return False
-    first = positions[torch.tensor([a for a, _ in pairs], device=positions.device)]
-    second = positions[torch.tensor([b for _, b in pairs], device=positions.device)]
+        return None
+    local = torch.tensor(pairs, device=positions.device)  # [swaps, 2] window-local positions
+    first, second = positions[local[:, 0]], positions[local[:, 1]]
     candidate = perm.clone()
     candidate[first], candidate[second] = perm[second], perm[first]
     touched = torch.stack([first // m, second // m], dim=1)  # [swaps, 2] group indices
     after = retained.of_groups(candidate.reshape(-1, m)[touched.reshape(-1)]).reshape(-1, 2)
     improves = (after - retained.values[touched]).sum(dim=1) > 0
     if not bool(improves.any()):
-        return False
+        return None
     perm[first[improves]], perm[second[improves]] = candidate[first[improves]], candidate[second[improves]]
     retained.values[touched[improves]] = after[improves]
-    return True
+    return local[improves].reshape(-1)
+
+
+class WindowValues:
+    """The sampled rows' retained score of every slot of a window with every channel of the window put in
+    it (``values[slot, position]``) and of each slot's group as it stands (``current``). After a round,
+    only the groups it touched and the columns of the channels it moved are recomputed: late rounds
+    move a few channels, so a round costs a few rows and columns of the matrix instead of all of it."""
+
+    def __init__(self, problem: SiteProblem, scores: torch.Tensor, perm: torch.Tensor, positions: torch.Tensor):
+        self.n, self.m, self.scores, self.positions = problem.n, problem.m, scores, positions
+        grouped = self._grouped(perm)
+        self.slot_top, self.slot_threshold = (part.flatten(1) for part in slot_statistics(grouped, self.n))
+        self.values = insertion_values(self.slot_top, self.slot_threshold, grouped.flatten(1))
+        self.current = group_retained(grouped, self.n).repeat_interleave(self.m)
+
+    def _grouped(self, perm: torch.Tensor) -> torch.Tensor:
+        return self.scores[:, perm[self.positions]].reshape(self.scores.shape[0], -1, self.m)
+
+    def update(self, perm: torch.Tensor, moved: torch.Tensor) -> None:
+        """Refresh after the channels at window-local positions ``moved`` changed."""
+        grouped = self._grouped(perm)
+        groups = torch.unique(moved // self.m)
+        slots = (groups[:, None] * self.m + torch.arange(self.m, device=groups.device)).reshape(-1)
+        top, threshold = slot_statistics(grouped[:, groups], self.n)
+        self.slot_top[:, slots], self.slot_threshold[:, slots] = top.flatten(1), threshold.flatten(1)
+        flat = grouped.flatten(1)
+        self.values[slots] = insertion_values(self.slot_top[:, slots], self.slot_threshold[:, slots], flat)
+        others = torch.ones(self.values.shape[0], dtype=torch.bool, device=slots.device)
+        others[slots] = False
+        if bool(others.any()):  # the untouched slots only see the moved channels change
+            self.values[others.nonzero()[:, 0][:, None], moved[None, :]] = insertion_values(
+                self.slot_top[:, others], self.slot_threshold[:, others], flat[:, moved])
+        self.current[slots] = group_retained(grouped[:, groups], self.n).repeat_interleave(self.m)
 
 
 def disjoint_best_pairs(gain: torch.Tensor, groups: int, m: int) -> list[tuple[int, int]]:
