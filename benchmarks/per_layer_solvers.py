@@ -14,6 +14,7 @@ Writes ``results/ablations/per_layer_solvers_smollm2.md``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import copy
 import sys
 import time
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         held = kl_divergence(dense, model, tokenizer, held_out, 512, max_windows=args.eval_windows)
         rows.append((label, objective, seconds, calib_kl, held.kl, held.model.ppl))
         print(rows[-1], flush=True)
-    command = "python benchmarks/per_layer_solvers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/per_layer_solvers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Per-layer solver settings, SmolLM2-135M, Wanda 2:4 masks, residual as stored", "",
         f"Written by `{command}` at `{source_revision()}` in {(time.time() - started) / 60:.0f} min on "
