@@ -85,13 +85,14 @@ class LearnedPermutationModifier(Modifier):
     - on_calibration_start (``learned_permutation.plugin.search``), before any pruner
       has seen an activation
         - one forward pass over ``sample_tokens`` calibration tokens: as each decoder layer
-          finishes, its mlp and attn_vo sites are decided from that layer alone and folded
-          (with ``select``: the candidate with the lowest output error after the pruner's
-          own pruning, SparseGPT's OBS update or Wanda's mask), and its residual readers
-          give sampled weight rows
-        - residual site: candidates solved on the sampled rows; with ``select`` each is
-          scored by the calibration loss of the model pruned in simulation (one forward
-          pass over the sample per candidate); the best is folded
+          finishes, every candidate solver permutes its mlp and attn_vo sites from that layer
+          alone (with ``select``, each candidate's output error after the pruner's own pruning,
+          SparseGPT's OBS update or Wanda's mask, is measured too), and its residual readers
+          give sampled weight rows; then every candidate permutes the residual site from them
+        - with ``select``: each candidate's whole configuration (its permutation at every
+          site), then the lowest-pruner-error mix, is scored by the KL from the dense model of
+          the model pruned in simulation (one forward pass over 4,096 sample tokens each); the
+          lowest is folded at every site
         - with ``objective: model``: from that result, permutations of ``end_to_end.sites``
           trained through the whole pruned model (``learned_permutation.plugin.end_to_end``):
           Sinkhorn-relaxed cost logits, the pruner's N:M mask in the hard order with a
@@ -109,7 +110,7 @@ class LearnedPermutationModifier(Modifier):
 
     :param mask_structure: ``"N:M"`` pattern the pruner will apply; must equal the
         pruner's. Quote it in YAML (unquoted ``2:4`` parses as the number 124).
-    :param method: ``select`` (per site, the best of ``candidates`` as above) or one solver
+    :param method: ``select`` (the best whole configuration of ``candidates``, as above) or one solver
         for every site: ``greedy`` (channel swaps between groups), ``ria`` (RIA's heuristic),
         ``learned`` (Sinkhorn-relaxed learning on the layer-wise objective) or ``identity``
         (no permutation; a control).
@@ -128,12 +129,12 @@ class LearnedPermutationModifier(Modifier):
         ``learned_permutation.math.solve_permutation``): for a single ``method`` that
         solver's, e.g. ``{steps: 200}``; with ``select`` per candidate, e.g.
         ``{greedy: {sweeps: 5}}``.
-    :param candidates: ``select`` only: the solvers compared at every site.
+    :param candidates: ``select`` only: the solvers whose configurations are compared.
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param seed: seed for every random choice of the solvers.
-    :param objective: ``layer`` (the default: decide from layer statistics and, at the
-        residual, by ranking candidates on the calibration loss; no training) or ``model``
+    :param objective: ``layer`` (the default: candidates from layer statistics, one
+        configuration chosen on the calibration loss; no training) or ``model``
         (then also train the permutations of ``end_to_end.sites`` through the whole pruned
         model, starting from the ``layer`` result; budget and loss in ``end_to_end``).
     :param sync_pruner_statistics: under torchrun (a process group), make the following

@@ -1,13 +1,14 @@
-"""Whole-model choice of the residual permutation among candidates, on a bounded calibration sample.
+"""Whole-model choice among permutation configurations, on a bounded calibration sample.
 
-The residual permutation is shared by every layer, and on the models we measured the layer-wise
-objective ranks its candidates poorly, while the calibration loss of the pruned model ranks them as
-the held-out loss does (``docs/results.md``). So each residual candidate is scored by the KL
-divergence of that model's predictions from the dense model's on the calibration sample: the model
-with every targeted Linear masked the way the pruner would mask it (its score's N:M mask in the
-candidate's channel order, no weight update), one forward pass over ``calibration_sample`` tokens
-per candidate; the dense side comes from the modifier's own statistics pass, at no extra forward. Masks are computed per call from the weight and the input energy, so memory
-stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
+On the models we measured, neither the layer-wise objective nor the pruner's per-Linear error ranks
+permutations the way held-out text does, while the calibration loss of the pruned model does
+(``results/ablations/``). So a configuration (a column order for every Linear whose input a
+permutation re-orders) is scored by the KL divergence of the pruned model's predictions from the
+dense model's on the calibration sample: every targeted Linear masked the way the pruner would mask
+it (its score's N:M mask in the configuration's order, no weight update), one forward pass per
+configuration; the dense side comes from the modifier's own statistics pass, at no extra forward.
+Masks are computed per call from the weight and the input energy, so memory stays one Linear's mask,
+and each module is onloaded only for its own forward (offload-safe).
 """
 
 from __future__ import annotations
