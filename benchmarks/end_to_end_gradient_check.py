@@ -29,7 +29,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from learned_permutation import LearnedPermutationModifier  # noqa: E402
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning  # noqa: E402
-from learned_permutation.plugin.pruner_aware import PrunerModel  # noqa: E402
+from learned_permutation.plugin.pruner_model import PrunerModel  # noqa: E402
 from learned_permutation.plugin.selection import calibration_sample  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison import load_model  # noqa: E402
 
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample  # noqa: E402
-from learned_permutation.plugin.pruner_aware import PrunerModel  # noqa: E402
+from learned_permutation.plugin.pruner_model import PrunerModel  # noqa: E402
 from learned_permutation.plugin.selection import calibration_sample  # noqa: E402
 from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402

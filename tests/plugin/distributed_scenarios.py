@@ -59,7 +59,7 @@ def main(model: str, data: str, out: str) -> None:
             recipe=recipe("wanda"), dataset=rows, num_calibration_samples=len(rows), max_seq_length=SEQ_LEN,
             shuffle_calibration_samples=False, pipeline="sequential", output_dir=str(out_dir / "wanda_cpu_shared"))
     if rank() == 1:  # this rank alone decides otherwise
-        search.solve_permutation = flip_unblocked_solutions(search.solve_permutation)
+        search.solve_site = flip_unblocked_solutions(search.solve_site)
     try:
         prune(model, data, [LearnedPermutationModifier(mask_structure="2:4", method="greedy")],
               out_dir / "divergence", NUM_SAMPLES, SEQ_LEN)

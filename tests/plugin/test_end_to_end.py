@@ -12,7 +12,7 @@ from test_selection import batches, input_energy, targeted_linears, wanda_prune_
 
 from learned_permutation.math.permutations import check_permutation
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
-from learned_permutation.plugin.pruner_aware import PrunerModel
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.selection import calibration_sample, prediction_losses
 from learned_permutation.structure import find_sites, fold_permutation
 from tiny_models import build_tiny_model

@@ -3,11 +3,12 @@
 from .masks import nm_mask, parse_mask_structure
 from .objectives import Consumer, SiteProblem, reconstruction_error, retained_score
 from .scores import SCORE_KINDS, score
-from .solvers import SOLVERS, solve_permutation
+from .solvers import SOLVERS, solve_permutation, solve_site
 
 __all__ = [
     "SCORE_KINDS",
     "SOLVERS",
+    "solve_site",
     "Consumer",
     "SiteProblem",
     "nm_mask",

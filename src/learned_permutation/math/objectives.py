@@ -8,6 +8,7 @@ Hessian copy. Rows are processed in chunks so a 4096 x 11008 layer stays within 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -73,15 +74,18 @@ class PreparedConsumer:
     hessian: torch.Tensor | None
     act_sq: torch.Tensor | None
     total_score: float = field(init=False)
-    output_energy: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.total_score = float(self.score.sum())
-        self.output_energy = (
-            sum(float(quadratic_form(chunk, self.hessian, self.act_sq)) for chunk in self.weight.split(self.chunk_rows))
-            if self.has_statistics
-            else float("nan")
-        )
+
+    @cached_property
+    def output_energy(self) -> float:
+        """``tr(W H W^T)``, computed on first use: only the reconstruction error needs it, and with a full
+        Hessian it costs as much as one error evaluation."""
+        if not self.has_statistics:
+            return float("nan")
+        with dense_threads():
+            return sum(float(quadratic_form(chunk, self.hessian, self.act_sq)) for chunk in self.weight.split(self.chunk_rows))
 
     @property
     def has_statistics(self) -> bool:

@@ -50,7 +50,7 @@ from learned_permutation.math.straight_through import (
     pruned_in_order,
     soft_permutation,
 )
-from learned_permutation.plugin.pruner_aware import PrunerModel
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.selection import head_losses, predicting_positions
 from learned_permutation.structure import PermutationSite
 

@@ -37,7 +37,7 @@ from learned_permutation.plugin.recipe_checks import (
     resolve_score,
     shuffles_unseeded,
 )
-from learned_permutation.plugin.pruner_aware import PrunerModel
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.search import PermutationSearch, SearchSettings
 from learned_permutation.plugin.selection import calibration_sample
 from learned_permutation.math import SCORE_KINDS, parse_mask_structure
@@ -86,11 +86,11 @@ class LearnedPermutationModifier(Modifier):
       has seen an activation
         - one forward pass over ``sample_tokens`` calibration tokens: as each decoder layer
           finishes, every candidate solver permutes its mlp and attn_vo sites from that layer
-          alone (with ``select``, each candidate's output error after the pruner's own pruning,
-          SparseGPT's OBS update or Wanda's mask, is measured too), and its residual readers
-          give sampled weight rows; then every candidate permutes the residual site from them
+          alone (from its Hessians with SparseGPT, its input energies otherwise), and its
+          residual readers give sampled weight rows; then every candidate permutes the residual
+          site from them
         - with ``select``: each candidate's whole configuration (its permutation at every
-          site), then the lowest-pruner-error mix, is scored by the KL from the dense model of
+          site) is scored by the KL from the dense model of
           the model pruned in simulation (one forward pass over 4,096 sample tokens each); the
           lowest is folded at every site
         - with ``objective: model``: from that result, permutations of ``end_to_end.sites``
@@ -302,7 +302,7 @@ class LearnedPermutationModifier(Modifier):
             self._objective_modules,
             SearchSettings(
                 candidates=tuple(self.candidates) if self.method == "select" else (self.method,),
-                pruner=PrunerModel.following(self._pruner, self._score_kind, self._n, self._m),
+                pruner=PrunerModel(self._score_kind, self._n, self._m),
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
                 end_to_end=self.end_to_end if self.objective == "model" else None,

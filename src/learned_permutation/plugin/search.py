@@ -4,22 +4,21 @@ Everything is decided at calibration start, before any pruner has seen an activa
 pruner accumulates ever needs re-indexing, in the independent and the sequential pipeline alike.
 
 1. Layer pass: one forward of the decoder over ``calibration_sample`` tokens (one batch), with hooks
-   that gather the input energy of every targeted Linear and the Hessian ``X^T X`` of each per-layer
-   site's consumer. When a decoder layer has run, each candidate solver permutes its sites from that
-   layer alone, the output error the pruner itself would leave is measured for each candidate
-   (``plugin/pruner_aware.py``), the Hessians are dropped, and the layer's residual readers contribute
-   sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's Hessians and the sample's
-   activations.
+   that gather the input energy of every targeted Linear and, when the pruner's score reads it
+   (SparseGPT), the Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run,
+   each candidate solver permutes its sites from that layer alone (one prepared problem per site,
+   shared by the solvers and the layer-wise objectives), the Hessians are dropped, and the layer's
+   residual readers contribute sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's
+   Hessians and the sample's activations.
 2. Residual: each candidate solver permutes the residual stream from the sampled rows.
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
-   ``RESIDUAL_SCORING_TOKENS``; then the configuration that takes, at each per-layer site, the candidate
-   with the lowest pruner error, with the best residual so far. The lowest KL is folded. The layer-wise
-   objective and the pruner's per-Linear error both rank permutations close to chance on held-out
-   text, while this calibration KL ranks whole configurations as held-out KL does
+   ``RESIDUAL_SCORING_TOKENS``. The lowest KL is folded. The layer-wise objective and the pruner's
+   per-Linear output error (even after SparseGPT's own update) both rank permutations close to chance
+   on held-out text, while this calibration KL ranks whole configurations as held-out KL does
    (``results/ablations/``); and mixing sites from different solvers did worse than either solver's
-   own configuration on SmolLM2-135M (``docs/results.md``).
+   own configuration on SmolLM2-135M (``docs/results.md``), so no mixed configuration is scored.
 
 So the cost is one forward over the sample, one over half of it per configuration, and the solves,
 whatever the depth.
@@ -41,9 +40,9 @@ from torch import nn
 
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from learned_permutation.math import reconstruction_error, solve_permutation
+from learned_permutation.math import SiteProblem, solve_site
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
-from learned_permutation.plugin.pruner_aware import PrunerModel, pruned_output_errors
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
 from learned_permutation.plugin.selection import SimulatedPruning, final_hidden, leading_rows, scored_positions
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
@@ -53,7 +52,6 @@ from learned_permutation.structure.offload import read_parameter
 __all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
 
 RESIDUAL_SCORING_TOKENS = 4096
-LOWEST_ERROR = "lowest pruner error"
 
 
 @dataclass(frozen=True)
@@ -113,13 +111,13 @@ class PermutationSearch:
         """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
         states at the sample's scored positions (nothing is folded before the whole pass has run)."""
         energy = InputStatistics(full=False)
-        hessians = InputStatistics(full=True)
+        hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
         readers = ReaderRowSample(len(layers), self.settings.seed)
         residual_readers = [] if self.residual is None else self.targeted(self.residual)
         observed = list(dict.fromkeys(self.pruned + residual_readers))
         handles = {self.hooks.register_hook(m, energy.hook, "forward") for m in observed}
-        for site in self.layer_sites:
+        for site in self.layer_sites if hessians is not None else []:
             handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
         for index, layer in enumerate(layers):
             layer_readers = [m for m in residual_readers if _is_inside(m, layer)]
@@ -138,9 +136,14 @@ class PermutationSearch:
             raise RuntimeError(f"LearnedPermutationModifier: the calibration pass never reached {missing}")
         return energy, readers, dense
 
-    def _finish_layer(self, index, hessians, energy, readers, layer_readers) -> None:
+    def _finish_layer(self, index, hessians: InputStatistics | None, energy, readers, layer_readers) -> None:
+        """Solve the layer's sites from its Hessians (dropped afterwards), or from the input energies
+        when the pruner's score needs no Hessian; then sample the layer's residual readers."""
         for site in [s for s in self.layer_sites if s.layer_index == index]:
-            stats = hessians.pop(self.targeted(site))
+            if hessians is not None:
+                stats = hessians.pop(self.targeted(site))
+            else:
+                stats = {m: energy.sums[m] for m in self.targeted(site) if m in energy.sums}
             if stats:
                 self._solve_layer_site(site, stats)
         for module in layer_readers:
@@ -148,26 +151,12 @@ class PermutationSearch:
                 readers.add(read_parameter(module, "weight"), energy.sums[module])
 
     def _solve_layer_site(self, site: PermutationSite, stats: dict) -> None:
-        """The site's candidates and, among several, the output error each leaves after the pruner
-        (``plugin/pruner_aware.py``); its Hessians are dropped afterwards."""
         start = time.perf_counter()
         check_finite_statistics(stats, self.names)
-        consumers = site.consumers_from_stats(stats)
-        solved = self._solve(site, consumers)
-        errors = {}
-        if len(_distinct(solved)) > 1:
-            errors = _per_distinct(solved, lambda perms: self._pruner_errors(site, stats, perms))
+        problem = self._problem(site.consumers_from_stats(stats))
+        solved = self._solve(site, problem)
         self.candidates[site] = SiteCandidates(
-            solved, self._objectives(site, consumers, solved), [self.names[m] for m in stats], errors,
-            time.perf_counter() - start)
-
-    def _pruner_errors(self, site: PermutationSite, stats: dict, perms: list[torch.Tensor]) -> list[float]:
-        orders = [site.consumer_column_index(perm) for perm in perms]
-        totals = [0.0] * len(orders)
-        for module, hessian in stats.items():
-            found = pruned_output_errors(read_parameter(module, "weight"), hessian, orders, self.settings.pruner)
-            totals = [total + error for total, error in zip(totals, found)]
-        return totals
+            solved, self._objectives(site, problem, solved), [self.names[m] for m in stats], time.perf_counter() - start)
 
     # ------------------------------------------------------------------ residual
 
@@ -180,20 +169,20 @@ class PermutationSearch:
                 "pruner; remove 'residual' from sites or target those Linears."
             )
         check_finite_statistics(dict(energy.sums), self.names)
-        solved = self._solve(site, readers.consumers)
+        problem = self._problem(readers.consumers)
+        solved = self._solve(site, problem)
         names = [self.names[n.module] for n in site.consumer_modules if n.module in energy.sums]
         self.candidates[site] = SiteCandidates(
-            solved, self._objectives(site, readers.consumers, solved), names, {}, time.perf_counter() - start,
+            solved, self._objectives(site, problem, solved), names, time.perf_counter() - start,
             {"sampled_rows": readers.sampled_rows})
         self.phases["residual solves"] = time.perf_counter() - start
 
     # ------------------------------------------------------------------ whole-model choice
 
     def _choose_configuration(self, sample, device, energy: InputStatistics, dense) -> None:
-        """Fold the configuration (a permutation for every site) whose simulated pruning diverges least
-        from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``: each candidate solver's
-        own configuration, then the per-layer candidates with the lowest pruner error under the best
-        residual so far. One forward per configuration, whatever the depth."""
+        """Fold the configuration (each candidate solver's permutation at every site) whose simulated
+        pruning diverges least from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``.
+        One forward per distinct configuration, whatever the depth."""
         start = time.perf_counter()
         configurations = _distinct_configurations(
             {label: {site: found.perms[label] for site, found in self.candidates.items()}
@@ -211,12 +200,7 @@ class PermutationSearch:
                           if named.module in act_sq}
                 return simulation.losses(self.model, scoring, dense[:scored], orders)
 
-            for label, configuration in configurations.items():
-                losses[label] = score(configuration)
-            lowest_error = self._lowest_error_configuration(configurations[_lowest_kl(losses)])
-            if lowest_error is not None and not any(_same_configuration(lowest_error, c) for c in configurations.values()):
-                configurations[LOWEST_ERROR] = lowest_error
-                losses[LOWEST_ERROR] = score(lowest_error)
+            losses = {label: score(configuration) for label, configuration in configurations.items()}
             _check_finite(losses)
             self.selection = {"configuration_calibration_losses": losses, "chosen_configuration": _lowest_kl(losses),
                               "scored_tokens": int(scoring["attention_mask"].sum())}
@@ -224,13 +208,6 @@ class PermutationSearch:
         chosen = configurations[_lowest_kl(losses)] if losses else next(iter(configurations.values()))
         for site in [s for s in [self.residual, *self.layer_sites] if s in self.candidates]:
             self._fold(site, chosen[site], energy)
-
-    def _lowest_error_configuration(self, best: dict) -> dict | None:
-        """``best`` with each per-layer site's candidate of lowest pruner output error; None without errors."""
-        sites = {site: found for site, found in self.candidates.items() if found.errors}
-        if not sites:
-            return None
-        return {**best, **{site: found.perms[min(found.errors, key=found.errors.get)] for site, found in sites.items()}}
 
     # ------------------------------------------------------------------ end to end
 
@@ -251,22 +228,24 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ shared
 
-    def _solve(self, site: PermutationSite, consumers: list) -> dict[str, torch.Tensor]:
+    def _problem(self, consumers: list) -> SiteProblem:
+        """The site's consumers prepared once (scores, SparseGPT's inverse Hessians) for every solver."""
+        pruner = self.settings.pruner
+        return SiteProblem(consumers, pruner.n, pruner.m, pruner.score)
+
+    def _solve(self, site: PermutationSite, problem: SiteProblem) -> dict[str, torch.Tensor]:
         """Each candidate solver's permutation, every solver from the stored order."""
-        problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score,
-                       block_size=site.block_size)
         solved: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
                 knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
-                solved[name] = solve_permutation(consumers, method=name, **problem, **knobs).cpu()
+                solved[name] = solve_site(problem, name, block_size=site.block_size, **knobs).cpu()
         return solved
 
-    def _objectives(self, site, consumers, solved: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _objectives(self, site, problem: SiteProblem, solved: dict[str, torch.Tensor]) -> dict[str, float]:
         """The layer-wise objective of the stored order (``identity``) and of every candidate."""
-        problem = dict(n=self.settings.pruner.n, m=self.settings.pruner.m, score_kind=self.settings.pruner.score)
         return _per_distinct({"identity": torch.arange(site.size), **solved},
-                             lambda perms: [reconstruction_error(consumers, perm, **problem) for perm in perms])
+                             lambda perms: [problem.reconstruction_error(perm.to(problem.device)) for perm in perms])
 
     def _fold(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics) -> None:
         found = self.candidates[site]
@@ -281,7 +260,6 @@ class PermutationSearch:
             "site": site.name, "kind": site.kind, "channels": site.size, "consumers": found.consumers,
             "objective_before": found.objectives["identity"], "objective_after": found.objectives[label],
             **({"candidate_objectives": found.objectives, "chosen_candidate": label} if several else {}),
-            **({"candidate_pruned_errors": found.errors} if found.errors else {}),
             **found.extra, "seconds": round(found.seconds, 3),
         })
         logger.info(f"{site.name}: objective {found.objectives['identity']:.4f} -> {found.objectives[label]:.4f}"
@@ -291,13 +269,11 @@ class PermutationSearch:
 @dataclass
 class SiteCandidates:
     """One site's candidate permutations (by solver), their layer-wise objectives (``identity``: the
-    stored order), the consumers' names, the pruner errors of a per-layer site's candidates (when
-    compared), the seconds spent, and extra report fields."""
+    stored order), the consumers' names, the seconds spent, and extra report fields."""
 
     perms: dict[str, torch.Tensor]
     objectives: dict[str, float]
     consumers: list[str]
-    errors: dict[str, float]
     seconds: float
     extra: dict = field(default_factory=dict)
 

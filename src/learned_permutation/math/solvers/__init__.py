@@ -30,13 +30,18 @@ def solve_permutation(
     ``knobs`` go to the solver (see each ``solve_*`` for their meaning). On CPU the solver runs on
     one thread except for its large dense products (see ``learned_permutation.math.threads``).
     """
+    return solve_site(SiteProblem(consumers, n, m, score_kind), method, block_size, **knobs)
+
+
+def solve_site(problem: SiteProblem, method: str, block_size: int | None = None, **knobs) -> torch.Tensor:
+    """``solve_permutation`` on a prepared problem, so several solvers share its scores (a SparseGPT
+    score inverts each consumer's Hessian once)."""
     if method not in SOLVERS:
         raise ValueError(f"unknown permutation method {method!r}; choose one of {list(SOLVERS)}")
-    problem = SiteProblem(consumers, n, m, score_kind)
     if block_size is not None:
         check_block_size(problem.channels, block_size)
-        if block_size % m:
-            raise ValueError(f"block_size {block_size} must be a multiple of M={m} so blocks hold whole groups")
+        if block_size % problem.m:
+            raise ValueError(f"block_size {block_size} must be a multiple of M={problem.m} so blocks hold whole groups")
     with solver_threads():
         perm = SOLVERS[method](problem, block_size, **knobs)
     check_permutation(perm, problem.channels, block_size)
