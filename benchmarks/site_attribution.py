@@ -25,9 +25,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison import load_model  # noqa: E402
-from residual_signal import calibration, calibration_losses, energies, mask_model  # noqa: E402
+from residual_signal import calibration_losses, energies, mask_model, smollm2_calibration  # noqa: E402
 from run import REPO, source_revision  # noqa: E402
-from smollm2 import build  # noqa: E402
 
 from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE  # noqa: E402
 from learned_permutation.plugin.selection import calibration_sample  # noqa: E402
@@ -45,12 +44,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    model_dir = build()
+    model_dir, tokenizer, full, held_out = smollm2_calibration(32, 512)
     dense = load_model(model_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    full, held_out = calibration(tokenizer, 32, 512, 0)
     sample = calibration_sample([full], args.scoring_tokens)
     runs = {path.name: load_file(str(path / PERMUTATIONS_FILE)) for path in (args.first, args.second)}
     names = list(runs)
