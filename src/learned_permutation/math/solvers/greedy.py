@@ -99,22 +99,24 @@ class WindowValues:
 
     def __init__(self, problem: SiteProblem, scores: torch.Tensor, perm: torch.Tensor, positions: torch.Tensor):
         self.n, self.m, self.scores, self.positions = problem.n, problem.m, scores, positions
-        grouped = self._grouped(perm)
+        self.flat = scores[:, perm[positions]]  # [rows, window]: the window's channels in their slots
+        grouped = self._grouped()
         self.slot_top, self.slot_threshold = (part.flatten(1) for part in slot_statistics(grouped, self.n))
-        self.values = insertion_values(self.slot_top, self.slot_threshold, grouped.flatten(1))
+        self.values = insertion_values(self.slot_top, self.slot_threshold, self.flat)
         self.current = group_retained(grouped, self.n).repeat_interleave(self.m)
 
-    def _grouped(self, perm: torch.Tensor) -> torch.Tensor:
-        return self.scores[:, perm[self.positions]].reshape(self.scores.shape[0], -1, self.m)
+    def _grouped(self) -> torch.Tensor:
+        return self.flat.reshape(self.flat.shape[0], -1, self.m)
 
     def update(self, perm: torch.Tensor, moved: torch.Tensor) -> None:
         """Refresh after the channels at window-local positions ``moved`` changed."""
-        grouped = self._grouped(perm)
+        self.flat[:, moved] = self.scores[:, perm[self.positions[moved]]]
+        grouped = self._grouped()
         groups = torch.unique(moved // self.m)
         slots = (groups[:, None] * self.m + torch.arange(self.m, device=groups.device)).reshape(-1)
         top, threshold = slot_statistics(grouped[:, groups], self.n)
         self.slot_top[:, slots], self.slot_threshold[:, slots] = top.flatten(1), threshold.flatten(1)
-        flat = grouped.flatten(1)
+        flat = self.flat
         self.values[slots] = insertion_values(self.slot_top[:, slots], self.slot_threshold[:, slots], flat)
         others = torch.ones(self.values.shape[0], dtype=torch.bool, device=slots.device)
         others[slots] = False

@@ -38,6 +38,9 @@ def insertion_values(slot_top: torch.Tensor, slot_threshold: torch.Tensor, candi
     by_channel, thresholds = candidates.T.contiguous(), slot_threshold.T.contiguous()
     values = slot_top.sum(dim=0)[:, None].expand(slots, candidates.shape[1]).clone()
     step = max(1, CHUNK_ELEMENTS // max(1, rows * candidates.shape[1]))
+    buffer = by_channel.new_empty(min(step, slots), *by_channel.shape)
     for start in range(0, slots, step):
-        values[start : start + step] += (by_channel[None] - thresholds[start : start + step, None]).clamp_min_(0).sum(dim=-1)
+        part = buffer[: min(step, slots - start)]
+        torch.sub(by_channel[None], thresholds[start : start + step, None], out=part)
+        values[start : start + step] += part.clamp_min_(0).sum(dim=-1)
     return values
