@@ -18,14 +18,9 @@ from learned_permutation.plugin.selection import (
 )
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
-from llmcompressor.modifiers.utils.hooks import HooksMixin
 from tiny_models import build_tiny_model
 
 N, M = 2, 4
-
-
-class Hooks(HooksMixin):
-    """A stand-in owner for the simulation's hooks (a modifier in production)."""
 
 
 def batches(vocab: int, seed: int = 0, count: int = 3) -> list[dict]:
@@ -148,7 +143,7 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
     dense = dense_positions(model, batch)
     dense_loss = prediction_losses(model, batch)["ce"]
 
-    simulated = SimulatedPruning(Hooks(), act_sq, "wanda", N, M).losses(model, batch, dense, orders)
+    simulated = SimulatedPruning(act_sq, "wanda", N, M).losses(model, batch, dense, orders)
 
     folded = copy.deepcopy(model)
     for site, perm in zip(find_sites(folded, M, kinds=kinds), perms):
@@ -159,7 +154,7 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
     assert simulated["ce"] == pytest.approx(prediction_losses(folded, batch)["ce"], rel=1e-4)
     assert simulated["kl"] == pytest.approx(prediction_losses(folded, batch, folded_dense)["kl"], rel=1e-4)
     assert simulated["ce"] > dense_loss and simulated["kl"] > 0
-    assert prediction_losses(model, batch)["ce"] == dense_loss  # the hooks are gone
+    assert prediction_losses(model, batch)["ce"] == dense_loss  # the Linears compute densely again
 
 
 def test_simulated_loss_depends_on_the_permutation():
@@ -168,7 +163,7 @@ def test_simulated_loss_depends_on_the_permutation():
     act_sq = input_energy(model, data)
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
-    simulation = SimulatedPruning(Hooks(), act_sq, "wanda", N, M)
+    simulation = SimulatedPruning(act_sq, "wanda", N, M)
     dense = dense_positions(model, data[0])
     identity = simulation.losses(model, data[0], dense, {})
     shuffled = simulation.losses(model, data[0], dense, dict.fromkeys(readers, torch.randperm(residual.size)))
@@ -185,3 +180,26 @@ def test_leading_rows_are_whole_rows_within_the_budget_and_own_the_first_scored_
     dense = dense_positions(model, sample)
     assert torch.allclose(dense[:scored], dense_positions(model, part), atol=1e-5)
     assert leading_rows(sample, tokens=1)[0]["input_ids"].shape[0] == 1  # never empty
+
+
+def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
+    """A simulated Linear's own (dense) forward never runs in a scoring pass: the pass costs one product
+    per Linear, not two, and the class's forward is back afterwards."""
+    model = build_tiny_model("llama")
+    data = batches(model.config.vocab_size)
+    act_sq = input_energy(model, data)
+    simulation = SimulatedPruning(act_sq, "wanda", N, M)
+    dense = dense_positions(model, data[0])
+    calls = []
+    original = torch.nn.Linear.forward
+
+    def counting(self, inputs):
+        calls.append(self)
+        return original(self, inputs)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    simulation.losses(model, data[0], dense, {})
+    assert not set(calls) & set(act_sq)
+    assert all("forward" not in module.__dict__ for module in act_sq)
+    prediction_losses(model, data[0])
+    assert set(act_sq) <= set(calls)

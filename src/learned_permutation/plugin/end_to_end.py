@@ -51,7 +51,7 @@ from learned_permutation.math.straight_through import (
     soft_permutation,
 )
 from learned_permutation.plugin.pruner_model import PrunerModel
-from learned_permutation.plugin.selection import head_losses, predicting_positions
+from learned_permutation.plugin.selection import head_losses, instance_forward, predicting_positions
 from learned_permutation.structure import PermutationSite
 
 __all__ = ["EndToEndArgs", "EndToEndLearning", "split_sample"]
@@ -287,9 +287,9 @@ class EndToEndLearning:
                 parameter.requires_grad_(False)
             stack.callback(lambda: [p.requires_grad_(True) for p in frozen])
             for module in self.pruned if masked else ():
-                stack.enter_context(_instance_forward(module, self._linear_forward(module)))
+                stack.enter_context(instance_forward(module, self._linear_forward(module)))
             for layer in model.get_decoder().layers:
-                stack.enter_context(_instance_forward(layer, self._layer_forward(layer.forward, checkpointed)))
+                stack.enter_context(instance_forward(layer, self._layer_forward(layer.forward, checkpointed)))
             yield
 
     def _linear_forward(self, module: nn.Linear):
@@ -348,19 +348,4 @@ class EndToEndLearning:
             ]).mean()
         parts["total"] = args.ce * parts["ce"] + args.kl * parts["kl"] + args.hidden * parts.get("hidden", 0.0)
         return parts
-
-
-@contextlib.contextmanager
-def _instance_forward(module: nn.Module, forward):
-    """``module.forward`` replaced for the block, and the class's own restored after (no instance attribute left)."""
-    had_own = "forward" in module.__dict__
-    original = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if had_own:
-            module.forward = original
-        else:
-            del module.forward
 

@@ -190,7 +190,7 @@ class PermutationSearch:
         losses: dict[str, dict[str, float]] = {}
         if len(configurations) > 1:
             act_sq = {m: energy.sums[m] for m in self.pruned if m in energy.sums}
-            simulation = SimulatedPruning(self.hooks, act_sq, self.settings.pruner.score,
+            simulation = SimulatedPruning(act_sq, self.settings.pruner.score,
                                           self.settings.pruner.n, self.settings.pruner.m, device)
             scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 

@@ -7,14 +7,17 @@ permutation re-orders) is scored by the KL divergence of the pruned model's pred
 dense model's on the calibration sample: every targeted Linear masked the way the pruner would mask
 it (its score's N:M mask in the configuration's order, no weight update), one forward pass per
 configuration; the dense side comes from the modifier's own statistics pass, at no extra forward.
-Masks are computed per call from the weight and the input energy, so memory stays one Linear's mask,
-and each module is onloaded only for its own forward (offload-safe).
+Each simulated Linear's ``forward`` is replaced for the pass (not hooked after it, which would compute
+every product twice); masks are computed per call from the weight and the input energy, so memory
+stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,7 @@ __all__ = [
     "calibration_sample",
     "final_hidden",
     "head_losses",
+    "instance_forward",
     "leading_rows",
     "predicting_positions",
     "prediction_losses",
@@ -44,7 +48,7 @@ HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024
 
 
 class SimulatedPruning:
-    """Forward hooks that make Linears compute with their N:M-pruned weights, in a candidate's order.
+    """Linears made to compute with their N:M-pruned weights, in a candidate's order.
 
     ``act_sq`` maps every Linear to simulate to its input energy (what the score needs). A candidate
     is a column order per Linear whose input a permutation would re-order (``column_orders``: the
@@ -53,28 +57,26 @@ class SimulatedPruning:
 
     def __init__(
         self,
-        hooks: HooksMixin,
         act_sq: dict[nn.Linear, torch.Tensor],
         score_kind: str,
         n: int,
         m: int,
         device: torch.device | str | None = None,
     ):
-        self.hooks, self.act_sq, self.score_kind, self.n, self.m = hooks, act_sq, score_kind, n, m
+        self.act_sq, self.score_kind, self.n, self.m = act_sq, score_kind, n, m
         self.device = device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
 
     def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
         """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
         self.column_orders = column_orders
-        handles = {self.hooks.register_hook(module, self._pruned_forward, "forward") for module in self.act_sq}
-        try:
-            with HooksMixin.disable_hooks(keep=handles):
+        with contextlib.ExitStack() as stack:
+            for module in self.act_sq:
+                stack.enter_context(instance_forward(module, partial(self._pruned_forward, module)))
+            with HooksMixin.disable_hooks():  # no other modifier observes these passes
                 return prediction_losses(model, batch, dense, self.device)
-        finally:
-            self.hooks.remove_hooks(handles)
 
-    def _pruned_forward(self, module: nn.Linear, args: tuple, _output) -> torch.Tensor:
+    def _pruned_forward(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         weight = module.weight
         scores = pruning_score(self.score_kind, weight, act_sq=self.act_sq[module].to(weight.device))
         order = self.column_orders.get(module)
@@ -82,7 +84,22 @@ class SimulatedPruning:
             keep = nm_mask(scores, self.n, self.m)
         else:
             keep = mask_in_original_order(scores, order.to(weight.device), self.n, self.m)
-        return F.linear(args[0], weight * keep, module.bias)
+        return F.linear(inputs, weight * keep, module.bias)
+
+
+@contextlib.contextmanager
+def instance_forward(module: nn.Module, forward) -> Iterator[None]:
+    """``module.forward`` replaced for the block, and the class's own restored after (no instance attribute left)."""
+    had_own = "forward" in module.__dict__
+    original = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = original
+        else:
+            del module.forward
 
 
 def calibration_sample(batches: Iterable[dict], tokens: int) -> dict:
