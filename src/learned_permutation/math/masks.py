@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from .threads import solver_threads
+
 _MASK_STRUCTURE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -46,13 +48,15 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     # Each entry's rank in its group is how many entries beat it (a larger score, or an equal one earlier),
     # counted by M x (M - 1) element-wise comparisons of whole slot columns: the mask a stable sort
-    # gives, 3-4x faster than sorting on one CPU thread for M = 4.
+    # gives, 3-4x faster than sorting for M = 4, on one CPU thread (these small element-wise ops stall
+    # on a busy machine's OpenMP barriers: ``math/threads.py``).
     slots = grouped.unbind(dim=-1)
     kept = []
-    for i, entry in enumerate(slots):
-        rank = torch.zeros_like(entry, dtype=torch.uint8)
-        for j, other in enumerate(slots):
-            if j != i:
-                rank += (other >= entry) if j < i else (other > entry)
-        kept.append(rank < n)
-    return torch.stack(kept, dim=-1).reshape(scores.shape)
+    with solver_threads():
+        for i, entry in enumerate(slots):
+            rank = torch.zeros_like(entry, dtype=torch.uint8)
+            for j, other in enumerate(slots):
+                if j != i:
+                    rank += (other >= entry) if j < i else (other > entry)
+            kept.append(rank < n)
+        return torch.stack(kept, dim=-1).reshape(scores.shape)

@@ -31,6 +31,7 @@ from llmcompressor.utils.helpers import disable_cache, eval_context
 from learned_permutation.math import nm_mask
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
+from learned_permutation.math.threads import solver_threads
 
 __all__ = [
     "SimulatedPruning",
@@ -78,13 +79,15 @@ class SimulatedPruning:
 
     def _pruned_forward(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         weight = module.weight
-        scores = pruning_score(self.score_kind, weight, act_sq=self.act_sq[module].to(weight.device))
-        order = self.column_orders.get(module)
-        if order is None:
-            keep = nm_mask(scores, self.n, self.m)
-        else:
-            keep = mask_in_original_order(scores, order.to(weight.device), self.n, self.m)
-        return F.linear(inputs, weight * keep, module.bias)
+        with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
+            scores = pruning_score(self.score_kind, weight, act_sq=self.act_sq[module].to(weight.device))
+            order = self.column_orders.get(module)
+            if order is None:
+                keep = nm_mask(scores, self.n, self.m)
+            else:
+                keep = mask_in_original_order(scores, order.to(weight.device), self.n, self.m)
+            pruned = weight * keep
+        return F.linear(inputs, pruned, module.bias)
 
 
 @contextlib.contextmanager
