@@ -72,6 +72,9 @@ def child(args) -> None:
         from learned_permutation.tools.data import file_dataset
         texts = file_dataset(args.data)
         stream = [t for text in texts["text"][: 8 * args.num_samples] for t in tokenizer(text)["input_ids"]]
+        if len(stream) < args.num_samples * args.seq_len:
+            raise SystemExit(f"{args.data}: its first {8 * args.num_samples} texts hold {len(stream)} tokens, fewer than "
+                             f"--num-samples x --seq-len = {args.num_samples * args.seq_len}; pass a longer file or fewer samples")
         ids = torch.tensor(stream[: args.num_samples * args.seq_len]).reshape(args.num_samples, args.seq_len)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     pruner_class = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.pruner]
@@ -84,11 +87,12 @@ def child(args) -> None:
         seconds = time.perf_counter() - start
         report = recipe[0].report() if args.with_modifier else None
     layer = model.model.layers[0]
+    sample_tokens = min(recipe[0].sample_tokens, ids.numel()) if args.with_modifier else 0
     print("RESULT " + json.dumps({
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "layer_fp32_mib": sum(p.numel() for p in layer.parameters()) * 4 / 2**20,
-        "sample_activation_mib": 8192 * model.config.intermediate_size * 4 / 2**20,
+        "sample_activation_mib": sample_tokens * model.config.intermediate_size * 4 / 2**20,
         "layers": model.config.num_hidden_layers,
         "report": report,
     }))
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, help="append the table (markdown) and rows (json) here")
+    parser.add_argument("--output", type=Path, help="append the table to OUTPUT.md and the rows to OUTPUT.jsonl")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pruner", help=argparse.SUPPRESS)
     parser.add_argument("--with-modifier", action="store_true", help=argparse.SUPPRESS)
@@ -140,9 +144,9 @@ def main(argv=None) -> int:
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        with args.output.with_suffix(".md").open("a") as handle:
+        with args.output.parent.joinpath(args.output.name + ".md").open("a") as handle:
             handle.write("\n" + text)
-        with args.output.with_suffix(".jsonl").open("a") as handle:
+        with args.output.parent.joinpath(args.output.name + ".jsonl").open("a") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     return 0
