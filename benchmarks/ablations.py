@@ -1,8 +1,9 @@
 """Which permutation method to ship, and why: the ablation on the embedded stories260K model.
 
 For each calibration set (seeds ``--seeds``, same held-out text as ``benchmarks/run.py``) and each pruner
-(``--pruners``, 2:4): the pruner alone; ``ria`` and ``greedy``; the default ``select`` (per site, the
-candidate with the lowest pruner-aware error); ``select`` with the learned solver among its candidates;
+(``--pruners``, 2:4): the pruner alone; ``ria`` and ``greedy``; the default ``select`` (the whole configuration
+of the candidate solver whose simulated pruning is closest to the dense model; the committed table predates
+that and shows the per-site choice of its time); ``select`` with the learned solver among its candidates;
 and the learned solver's stages on the layer-wise objective: its heuristic start alone (no learning, no
 polish), + swap polish, + Sinkhorn learning, + both (the solver's default). Per row: held-out perplexity,
 KL to dense on the held-out text and on calibration-domain text (the first 32 calibration samples), the
