@@ -47,9 +47,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     check_divisible(scores.shape[-1], m, "last dimension")
     grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     # Each entry's rank in its group is how many entries beat it (a larger score, or an equal one earlier),
-    # counted by M x (M - 1) element-wise comparisons of whole slot columns: the mask a stable sort
-    # gives, 3-4x faster than sorting for M = 4, on one CPU thread (these small element-wise ops stall
-    # on a busy machine's OpenMP barriers: ``math/threads.py``).
+    # counted by M x (M - 1) element-wise comparisons of whole slot columns: the mask a stable sort gives,
+    # about 3x faster than sorting for M = 4 (``benchmarks/kernel_speed.py``), on one CPU thread (small
+    # element-wise ops stall on a busy machine's OpenMP barriers: ``math/threads.py``).
     slots = grouped.unbind(dim=-1)
     kept = []
     with solver_threads():

@@ -1,0 +1,65 @@
+"""Seconds of the default method's inner kernels on real layer shapes, in one process (compare rows, not runs).
+
+Per shape (``down_proj`` of SmolLM2-135M, 576 x 1536, and of Llama-3.2-1B, 2048 x 8192; random weights and
+input energies): ``greedy`` as ``select`` runs it (1,024 rows, one sweep) and ``ria`` on one prepared site,
+and the N:M mask of the whole weight by ``nm_mask`` next to a stable sort of each group (the implementation
+``nm_mask`` replaced; the masks are checked equal). Solvers and masks run on one thread, as in the modifier.
+
+    python benchmarks/kernel_speed.py            # about 1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from learned_permutation.math import Consumer, SiteProblem, nm_mask, solve_site
+
+SHAPES = {"SmolLM2-135M down_proj": (576, 1536), "Llama-3.2-1B down_proj": (2048, 8192)}
+
+
+def sorted_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask by a stable descending sort of every group (the reference ``nm_mask`` must equal)."""
+    grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    kept = grouped.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    return torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, kept, True).reshape(scores.shape)
+
+
+def seconds(work, repeats: int) -> float:
+    """Best of ``repeats`` wall times of ``work()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per kernel")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| shape | greedy (1024 rows, 1 sweep) s | ria s | nm_mask ms | stable-sort mask ms |")
+    print("|---|---|---|---|---|")
+    for name, (rows, columns) in SHAPES.items():
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(rows, columns, generator=generator) * 0.02
+        energy = torch.rand(columns, generator=generator).square() * 100
+        problem = SiteProblem([Consumer(weight, act_sq=energy)], 2, 4, "wanda")
+        greedy = seconds(lambda: solve_site(problem, "greedy", rows=1024, sweeps=1), 1)
+        ria = seconds(lambda: solve_site(problem, "ria"), 1)
+        scores = problem.consumers[0].score
+        if not torch.equal(nm_mask(scores, 2, 4), sorted_mask(scores, 2, 4)):
+            raise SystemExit(f"{name}: nm_mask differs from the stable-sort mask")
+        mask = seconds(lambda: nm_mask(scores, 2, 4), args.repeats) * 1000
+        reference = seconds(lambda: sorted_mask(scores, 2, 4), args.repeats) * 1000
+        print(f"| {name} {rows} x {columns} | {greedy:.2f} | {ria:.2f} | {mask:.1f} | {reference:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
