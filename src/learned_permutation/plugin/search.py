@@ -117,8 +117,9 @@ class PermutationSearch:
         residual_readers = [] if self.residual is None else self.targeted(self.residual)
         observed = list(dict.fromkeys(self.pruned + residual_readers))
         handles = {self.hooks.register_hook(m, energy.hook, "forward") for m in observed}
-        for site in self.layer_sites if hessians is not None else []:
-            handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
+        if hessians is not None:
+            for site in self.layer_sites:
+                handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
         for index, layer in enumerate(layers):
             layer_readers = [m for m in residual_readers if _is_inside(m, layer)]
 
@@ -140,10 +141,8 @@ class PermutationSearch:
         """Solve the layer's sites from its Hessians (dropped afterwards), or from the input energies
         when the pruner's score needs no Hessian; then sample the layer's residual readers."""
         for site in [s for s in self.layer_sites if s.layer_index == index]:
-            if hessians is not None:
-                stats = hessians.pop(self.targeted(site))
-            else:
-                stats = {m: energy.sums[m] for m in self.targeted(site) if m in energy.sums}
+            consumers = self.targeted(site)
+            stats = hessians.pop(consumers) if hessians is not None else energy.subset(consumers)
             if stats:
                 self._solve_layer_site(site, stats)
         for module in layer_readers:

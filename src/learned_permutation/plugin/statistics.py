@@ -44,6 +44,10 @@ class InputStatistics:
             index = index.to(stat.device)
             self.sums[module] = stat[index][:, index] if self.full else stat[index]
 
+    def subset(self, modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
+        """The statistics of ``modules`` that were seen (kept)."""
+        return {module: self.sums[module] for module in modules if module in self.sums}
+
     def pop(self, modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
         """Hand over (and forget) the statistics of ``modules`` that were seen."""
         taken = {}
