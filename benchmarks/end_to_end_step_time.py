@@ -45,28 +45,30 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=1024)
     parser.add_argument("--sites", nargs="+", default=["residual"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model_dir)
+    model = load_model(args.model_dir).to(args.device)
     width = 256
     rows = -(-2 * args.batch_tokens // width)
     ids = torch.randint(3, model.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
-    sample = calibration_sample([{"input_ids": ids}], rows * width)
+    sample = {key: value.to(args.device) for key, value in calibration_sample([{"input_ids": ids}], rows * width).items()}
     linears, act_sq = pruned_linears_and_energy(model, sample)
     settings = EndToEndArgs(sites=args.sites, steps=args.steps + 1, train_tokens=args.batch_tokens,
                             batch_tokens=args.batch_tokens, held_out_tokens=args.batch_tokens, checks=1)
     train, held_out = split_sample(sample, args.batch_tokens, args.batch_tokens)
     sites = find_sites(model, 4, kinds=tuple(args.sites))
-    learning = EndToEndLearning(model, sites, linears, act_sq, PrunerModel("wanda", 2, 4), settings, "cpu")
+    learning = EndToEndLearning(model, sites, linears, act_sq, PrunerModel("wanda", 2, 4), settings, args.device)
     stamps = []
     learn = learning._gradient_steps(train[:1], [learning._dense_targets(train[0])])
     for _ in learn:
         stamps.append(time.perf_counter())
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     parameters = sum(p.numel() for p in model.parameters()) / 1e9
-    print(f"{args.model_dir.name}: {per_step:.1f} s per step of {int(train[0]['attention_mask'].sum())} tokens "
-          f"({args.threads} threads, sites {args.sites}, {parameters:.3f} B parameters); "
-          f"{per_step / parameters:.0f} s per step per billion parameters")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} CPU threads"
+    print(f"{args.model_dir.name}: {per_step:.2f} s per step of {int(train[0]['attention_mask'].sum())} tokens "
+          f"({where}, sites {args.sites}, {parameters:.3f} B parameters); "
+          f"{per_step / parameters:.1f} s per step per billion parameters")
     return 0
 
 

@@ -6,6 +6,7 @@ and the N:M mask of the whole weight by ``nm_mask`` next to a stable sort of eac
 ``nm_mask`` replaced; the masks are checked equal). Solvers and masks run on one thread, as in the modifier.
 
     python benchmarks/kernel_speed.py            # about 1 minute on 2 cores
+    python benchmarks/kernel_speed.py --device cuda   # on a GPU (benchmarks/device_checks.sh)
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def sorted_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def seconds(work, repeats: int) -> float:
-    """Best of ``repeats`` wall times of ``work()``."""
+    """Best of ``repeats`` wall times of ``work()`` (device work included: synchronised before the clock)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         work()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -41,15 +44,18 @@ def seconds(work, repeats: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per kernel")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    print(f"device: {torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU, 1 thread'}")
     print("| shape | greedy (1024 rows, 1 sweep) s | ria s | nm_mask ms | stable-sort mask ms |")
     print("|---|---|---|---|---|")
     for name, (rows, columns) in SHAPES.items():
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(rows, columns, generator=generator) * 0.02
         energy = torch.rand(columns, generator=generator).square() * 100
-        problem = SiteProblem([Consumer(weight, act_sq=energy)], 2, 4, "wanda")
+        problem = SiteProblem([Consumer(weight.to(args.device), act_sq=energy.to(args.device))], 2, 4, "wanda")
+        solve_site(problem, "ria")  # warm-up: kernel loading and allocator stay out of the timings
         greedy = seconds(lambda: solve_site(problem, "greedy", rows=1024, sweeps=1), 1)
         ria = seconds(lambda: solve_site(problem, "ria"), 1)
         scores = problem.consumers[0].score

@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 PRUNERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
 
 
-def random_llama(shape: str, directory: Path) -> Path:
-    """A random-weight Llama of ``hidden,intermediate,layers,heads,kv_heads`` (vocabulary 4096) saved
-    with the embedded model's tokenizer."""
+def random_llama(shape: str, directory: Path, vocab: int = 4096) -> Path:
+    """A random-weight Llama of ``hidden,intermediate,layers,heads,kv_heads`` (vocabulary 4096 unless
+    given) saved with the embedded model's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -40,7 +40,7 @@ def random_llama(shape: str, directory: Path) -> Path:
 
     hidden, intermediate, layers, heads, kv_heads = (int(x) for x in shape.split(","))
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
@@ -91,6 +91,8 @@ def child(args) -> None:
     print("RESULT " + json.dumps({
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "layer_fp32_mib": sum(p.numel() for p in layer.parameters()) * 4 / 2**20,
         "sample_activation_mib": sample_tokens * model.config.intermediate_size * 4 / 2**20,
         "layers": model.config.num_hidden_layers,
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
             alone, permuted = run_child(args, pruner, False), run_child(args, pruner, True)
             rows.append({"model": name, "pruner": pruner, "alone": alone, "with_modifier": permuted})
             print(table_row(rows[-1]), flush=True)
-    header = (f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.node()}, {os.cpu_count()} CPUs, "
+    device = rows[0]["alone"]["device"] if rows else "cpu"
+    header = (f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.node()}, {os.cpu_count()} CPUs, {device}, "
               f"{args.num_samples} x {args.seq_len} calibration tokens, {args.threads} threads; "
               f"`python benchmarks/scale.py {' '.join(argv or sys.argv[1:])}`")
     text = "\n".join([header, "", TABLE_HEADER, *map(table_row, rows)]) + "\n"
@@ -168,7 +171,15 @@ def table_row(row: dict) -> str:
     return (f"| {row['model']} | {row['pruner']} | {alone['seconds']:.1f} | {permuted['seconds']:.1f} | {extra:.1f} | "
             f"{extra / alone['seconds']:.2f}x | {report['total_seconds']:.1f} | {phases} | "
             f"{alone['peak_rss_mib']:.0f} / {permuted['peak_rss_mib']:.0f} | "
-            f"{permuted['peak_rss_mib'] - alone['peak_rss_mib']:.0f} | {bound:.0f} |")
+            f"{permuted['peak_rss_mib'] - alone['peak_rss_mib']:.0f} | {bound:.0f} |{gpu_memory(alone, permuted)}")
+
+
+def gpu_memory(alone: dict, permuted: dict) -> str:
+    """Peak GPU memory alone / with and the difference, as an extra cell when the runs had a GPU."""
+    if not alone.get("peak_gpu_mib"):
+        return ""
+    return (f" GPU peak {alone['peak_gpu_mib']:.0f} / {permuted['peak_gpu_mib']:.0f} MiB "
+            f"(extra {permuted['peak_gpu_mib'] - alone['peak_gpu_mib']:.0f}) |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from ..objectives import SiteProblem, sampled_score_rows
 from .layout import channel_domains, group_windows
-from .retained import CHUNK_ELEMENTS, group_retained, insertion_values, slot_statistics
+from .retained import chunk_elements, group_retained, insertion_values, slot_statistics
 
 
 def solve_greedy(
@@ -73,7 +73,7 @@ def _swap_round(
     m = problem.m
     gain = window.values + window.values.T - window.current[:, None] - window.current[None, :]
     group_of = torch.arange(gain.shape[0], device=gain.device) // m
-    gain[group_of[:, None] == group_of[None, :]] = -torch.inf
+    gain.masked_fill_(group_of[:, None] == group_of[None, :], -torch.inf)
     pairs = disjoint_best_pairs(gain, gain.shape[0] // m, m)
     if not pairs:
         return None
@@ -127,9 +127,11 @@ class WindowValues:
 
 
 def disjoint_best_pairs(gain: torch.Tensor, groups: int, m: int) -> list[tuple[int, int]]:
-    """Greedily pick the best positive swap, block both groups, repeat (at most groups/2 picks)."""
+    """Greedily pick the best positive swap, block both groups, repeat (at most groups/2 picks).
+
+    The picks run on the host: one ``[groups, groups]`` copy instead of a device sync per pick."""
     per_pair = gain.reshape(groups, m, groups, m).permute(0, 2, 1, 3).reshape(groups, groups, m * m)
-    best, where = per_pair.max(dim=-1)
+    best, where = (part.cpu() for part in per_pair.max(dim=-1))
     pairs = []
     for _ in range(groups // 2):
         flat = int(best.argmax())
@@ -155,7 +157,7 @@ class GroupRetained:
         """``[groups]`` float64 retained score of groups given by their channels ``[groups, M]``."""
         total = torch.zeros(members.shape[0], dtype=torch.float64, device=members.device)
         for columns in self.columns:
-            step = max(1, CHUNK_ELEMENTS // (self.m * columns.shape[1]))
+            step = max(1, chunk_elements(columns.device) // (self.m * columns.shape[1]))
             for start in range(0, members.shape[0], step):
                 part = members[start : start + step]
                 grouped = columns[part.reshape(-1)].reshape(*part.shape, -1)  # [groups, M, rows]
