@@ -18,8 +18,9 @@ __all__ = ["ReaderRowSample"]
 
 
 class ReaderRowSample:
-    """Sampled weight rows of the residual readers, kept in fp32 on ``device``: each reader keeps
-    ``1 / num_layers`` of its rows (at least one), so the sample is about one layer's readers."""
+    """Sampled weight rows of the residual readers, kept in fp32 on ``device`` (the execution device, where
+    the residual solvers then run): each reader keeps ``1 / num_layers`` of its rows (at least one), so
+    the sample is about one layer's readers."""
 
     def __init__(self, num_layers: int, seed: int, device: torch.device | str = "cpu"):
         self.rate = 1.0 / max(1, num_layers)

@@ -113,7 +113,7 @@ class PermutationSearch:
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
-        readers = ReaderRowSample(len(layers), self.settings.seed)
+        readers = ReaderRowSample(len(layers), self.settings.seed, device)  # solved where the layers run
         residual_readers = [] if self.residual is None else self.targeted(self.residual)
         observed = list(dict.fromkeys(self.pruned + residual_readers))
         handles = {self.hooks.register_hook(m, energy.hook, "forward") for m in observed}
