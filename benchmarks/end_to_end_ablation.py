@@ -13,6 +13,10 @@ evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in 
 
     python benchmarks/end_to_end_ablation.py                                  # stories260K, seeds 0 1 2
     python benchmarks/end_to_end_ablation.py --model llama-2m-gutenberg --seeds 0
+    python benchmarks/end_to_end_ablation.py --model smollm2-135m --seeds 0 --steps 20 --train-tokens 2048 --threads 2
+
+SmolLM2-135M is calibrated as in ``benchmarks/real_model.py`` (32 x 512 C4 tokens) and measured on held-out C4
+and WikiText-2 (16 windows of 512 tokens each).
 
 Writes ``results/end_to_end/<model>.md`` and ``.json``.
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_model  # noqa: E402
 from run import REPO, build_setup, source_revision  # noqa: E402
 
 from comparison import Comparison, EvalTexts, Variant, load_model  # noqa: E402
@@ -54,7 +59,7 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded", help="embedded (stories260K) or llama-2m-gutenberg")
+    parser.add_argument("--model", default="embedded", help="embedded (stories260K), llama-2m-gutenberg or smollm2-135m")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds")
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"])
     parser.add_argument("--steps", type=int, default=100, help="end_to_end.steps of the gradient rows")
@@ -63,33 +68,44 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", help="run only the rows whose label starts with one of these")
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "end_to_end")
     parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "outputs" / "end_to_end")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started, revision = time.perf_counter(), source_revision()
-    setup_args = argparse.Namespace(model=args.model, num_samples=128, seq_len=256, held_out_samples=32, seed=0,
-                                    held_out_chars=400_000)
     rows = []
     for seed in args.seeds:
-        setup = build_setup(setup_args, seed)
-        comparison = Comparison(setup.model_dir, setup.calibration, 256, EvalTexts(setup.held_out),
-                                args.checkpoint_dir / setup.name, setup.eval_seq_len, seed=seed, layer_error_windows=4)
+        name, comparison = comparison_for(args, seed)
         for label, variant in variants(args.pruner, args.steps, args.random_factor, args.train_tokens):
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
                 continue
             result = comparison.run(variant)
             report_file = comparison.checkpoint_dir(variant) / REPORT_FILE
             report = json.loads(report_file.read_text()).get("end_to_end", {}) if report_file.is_file() else {}
-            rows.append({"model": setup.name, "seed": seed, "label": label, "variant": variant.name,
-                         "held_out_ppl": result.ppl["held-out"], "held_out_kl": result.kl_to_dense,
+            rows.append({"model": name, "seed": seed, "label": label, "variant": variant.name,
+                         "held_out_ppl": result.ppl["held-out"], "wikitext2_ppl": result.ppl.get("wikitext2"),
+                         "held_out_kl": result.kl_to_dense,
                          "modifier_seconds": result.permutation_seconds,
                          "end_to_end_seconds": report.get("seconds"), "chosen": report.get("chosen"),
                          "calibration_held_out_losses": report.get("held_out_losses")})
             print(json.dumps(rows[-1]), flush=True)
         dense = comparison.run(Variant())
-        rows.append({"model": setup.name, "seed": seed, "label": "dense", "variant": "dense",
-                     "held_out_ppl": dense.ppl["held-out"], "held_out_kl": 0.0})
-    write(rows, args, revision, time.perf_counter() - started, setup.name)
+        rows.append({"model": name, "seed": seed, "label": "dense", "variant": "dense",
+                     "held_out_ppl": dense.ppl["held-out"], "wikitext2_ppl": dense.ppl.get("wikitext2"), "held_out_kl": 0.0})
+    write(rows, args, revision, time.perf_counter() - started, name)
     return 0
+
+
+def comparison_for(args, seed: int) -> tuple[str, Comparison]:
+    """The model's name and its comparison for calibration seed ``seed``: SmolLM2 as ``real_model.py``
+    measures it (C4 held-out and WikiText-2), the small models as ``run.py`` does."""
+    if args.model == real_model.NAME:
+        settings = argparse.Namespace(num_samples=32, seq_len=512, eval_windows=16, eval_seq_len=512, seed=seed,
+                                      layer_error_windows=2, checkpoint_dir=args.checkpoint_dir)
+        return real_model.NAME, real_model.comparison(settings)
+    setup = build_setup(argparse.Namespace(model=args.model, num_samples=128, seq_len=256, held_out_samples=32,
+                                           seed=0, held_out_chars=400_000), seed)
+    return setup.name, Comparison(setup.model_dir, setup.calibration, 256, EvalTexts(setup.held_out),
+                                  args.checkpoint_dir / setup.name, setup.eval_seq_len, seed=seed, layer_error_windows=4)
 
 
 def write(rows: list[dict], args, revision: str, seconds: float, model: str) -> None:
@@ -98,9 +114,11 @@ def write(rows: list[dict], args, revision: str, seconds: float, model: str) -> 
     dense = sum(value["dense", s]["held_out_ppl"] for s in args.seeds) / len(args.seeds)
     alone = [value.get(("pruner alone", s)) for s in args.seeds]
     base = sum(r["held_out_ppl"] for r in alone) / len(alone) if all(alone) else None
+    wikitext = all(r.get("wikitext2_ppl") for r in rows)
     lines = ["| variant | " + " | ".join(f"ppl (seed {s})" for s in args.seeds)
-             + " | mean ppl | gap closed | mean KL | mean modifier s | chosen (per seed) |",
-             "|" + "---|" * (len(args.seeds) + 6)]
+             + " | mean ppl | gap closed | mean KL | mean modifier s | chosen (per seed) |"
+             + (" WikiText-2 ppl (mean) | WikiText-2 gap closed |" if wikitext else ""),
+             "|" + "---|" * (len(args.seeds) + 6 + 2 * wikitext)]
     for label in labels:
         picked = [value[label, s] for s in args.seeds if (label, s) in value]
         ppl = sum(r["held_out_ppl"] for r in picked) / len(picked)
@@ -108,8 +126,10 @@ def write(rows: list[dict], args, revision: str, seconds: float, model: str) -> 
         modifier = [r.get("modifier_seconds") or 0.0 for r in picked]
         lines.append(f"| {label} | " + " | ".join(f"{r['held_out_ppl']:.2f}" for r in picked)
                      + f" | {ppl:.2f} | {closed} | {sum(r['held_out_kl'] for r in picked) / len(picked):.4f} | "
-                     f"{sum(modifier) / len(modifier):.1f} | {', '.join(str(r.get('chosen') or '') for r in picked)} |")
+                     f"{sum(modifier) / len(modifier):.1f} | {', '.join(str(r.get('chosen') or '') for r in picked)} |"
+                     + (wikitext_cells(value, label, args.seeds) if wikitext else ""))
     out = args.output_dir
+    held_out = "held-out C4 (first column) and WikiText-2" if wikitext else "held-out text as in `benchmarks/run.py`"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{model}_{args.pruner}"
     (out / f"{stem}.json").write_text(json.dumps({"commit": revision, "seconds": seconds, "argv": sys.argv[1:],
@@ -117,11 +137,20 @@ def write(rows: list[dict], args, revision: str, seconds: float, model: str) -> 
     (out / f"{stem}.md").write_text(
         f"# End-to-end permutation learning: {model}, {args.pruner} 2:4\n\nWritten by "
         f"`benchmarks/end_to_end_ablation.py {' '.join(sys.argv[1:])}` at commit `{revision}` "
-        f"({seconds / 60:.1f} min, 2 shared CPU cores); calibration seeds {args.seeds}, held-out text as in "
-        "`benchmarks/run.py`. Gap closed: share of the pruner-alone perplexity gap to dense (mean over seeds). "
+        f"({seconds / 60:.1f} min, 2 shared CPU cores); calibration seeds {args.seeds}, {held_out}. Gap closed: share of the pruner-alone perplexity gap to dense (mean over seeds). "
         "`chosen`: which hard permutation the end-to-end stage kept on its held-out calibration rows "
         "(`start` = nothing beat the layer-wise result).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def wikitext_cells(value: dict, label: str, seeds: list[int]) -> str:
+    """Mean WikiText-2 perplexity of ``label`` and its share of the pruner-alone gap to dense."""
+    def mean(name):
+        picked = [value[name, s]["wikitext2_ppl"] for s in seeds if (name, s) in value]
+        return sum(picked) / len(picked) if picked else None
+    ppl, base, dense = mean(label), mean("pruner alone"), mean("dense")
+    closed = f"{(base - ppl) / (base - dense):.0%}" if base and dense and label not in ("dense", "pruner alone") else ""
+    return f" {ppl:.2f} | {closed} |"
 
 
 if __name__ == "__main__":
