@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements, as one call on a lent GPU machine (no registry there: llm-compressor and the
-# packages its image lacks travel as wheels in .whl/, see results/scale/README.md). Logs go under $OUT.
+# packages its image lacks travel as wheels in .whl/, made here once and kept out of git by .git/info/exclude:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     llmcompressor==0.14.0.1 compressed-tensors==0.19.0 datasets==5.2.0 auto-round==0.15.1 pydantic==2.14.4 \
+#     pydantic_core==2.50.5 loguru==0.7.3 dill==0.4.1 multiprocess==0.70.19 annotated-types==0.8.0 typing-inspection==0.4.5
+# ). Logs go under $OUT.
 #   step-time: seconds per step of `objective: model` (end-to-end learning) on random-weight models of
 #              SmolLM2-135M's and Llama-3.2-1B's full configurations (benchmarks/end_to_end_step_time.py);
 #   kernels:   greedy, ria and the N:M mask on down_proj shapes (benchmarks/kernel_speed.py --device cuda);
