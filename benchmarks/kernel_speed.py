@@ -1,8 +1,9 @@
 """Seconds of the default method's inner kernels on real layer shapes, in one process (compare rows, not runs).
 
 Per shape (``down_proj`` of SmolLM2-135M, 576 x 1536, and of Llama-3.2-1B, 2048 x 8192; random weights and
-input energies): ``greedy`` as ``select`` runs it (1,024 rows, one sweep) and ``ria`` on one prepared site,
-and the N:M mask of the whole weight by ``nm_mask`` next to a stable sort of each group (the implementation
+input energies): ``greedy`` as ``select`` runs it (1,024 rows, one sweep), its windows improved one at a time
+(the CPU's default) and all in lockstep (an accelerator's), with the number of sequential swap rounds each
+needs (the permutations are checked equal), and ``ria`` on one prepared site, and the N:M mask of the whole weight by ``nm_mask`` next to a stable sort of each group (the implementation
 ``nm_mask`` replaced; the masks are checked equal). Solvers and masks run on one thread, as in the modifier.
 
     python benchmarks/kernel_speed.py            # about 1 minute on 2 cores
@@ -18,6 +19,7 @@ import time
 import torch
 
 from learned_permutation.math import Consumer, SiteProblem, nm_mask, solve_site
+from learned_permutation.math.solvers import greedy as greedy_solver
 
 SHAPES = {"SmolLM2-135M down_proj": (576, 1536), "Llama-3.2-1B down_proj": (2048, 8192)}
 
@@ -41,6 +43,24 @@ def seconds(work, repeats: int) -> float:
     return best
 
 
+def greedy_run(problem: SiteProblem, lockstep: int) -> tuple[float, int, torch.Tensor]:
+    """Seconds, sequential swap rounds and permutation of ``greedy`` as ``select`` runs it."""
+    rounds, swap_round = 0, greedy_solver._swap_round
+
+    def counted(*args):
+        nonlocal rounds
+        rounds += 1
+        return swap_round(*args)
+
+    greedy_solver._swap_round = counted
+    try:
+        found = []
+        elapsed = seconds(lambda: found.append(solve_site(problem, "greedy", rows=1024, sweeps=1, lockstep=lockstep)), 1)
+    finally:
+        greedy_solver._swap_round = swap_round
+    return elapsed, rounds, found[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per kernel")
@@ -48,22 +68,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"device: {torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU, 1 thread'}")
-    print("| shape | greedy (1024 rows, 1 sweep) s | ria s | nm_mask ms | stable-sort mask ms |")
-    print("|---|---|---|---|---|")
+    print("| shape | greedy (1024 rows, 1 sweep), one window at a time: s / rounds | windows in lockstep: s / rounds "
+          "| ria s | nm_mask ms | stable-sort mask ms |")
+    print("|---|---|---|---|---|---|")
     for name, (rows, columns) in SHAPES.items():
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(rows, columns, generator=generator) * 0.02
         energy = torch.rand(columns, generator=generator).square() * 100
         problem = SiteProblem([Consumer(weight.to(args.device), act_sq=energy.to(args.device))], 2, 4, "wanda")
         solve_site(problem, "ria")  # warm-up: kernel loading and allocator stay out of the timings
-        greedy = seconds(lambda: solve_site(problem, "greedy", rows=1024, sweeps=1), 1)
+        alone, alone_rounds, alone_perm = greedy_run(problem, lockstep=1)
+        together, together_rounds, together_perm = greedy_run(problem, lockstep=1 << 30)
+        if not torch.equal(alone_perm, together_perm):
+            raise SystemExit(f"{name}: greedy's windows in lockstep chose another permutation")
         ria = seconds(lambda: solve_site(problem, "ria"), 1)
         scores = problem.consumers[0].score
         if not torch.equal(nm_mask(scores, 2, 4), sorted_mask(scores, 2, 4)):
             raise SystemExit(f"{name}: nm_mask differs from the stable-sort mask")
         mask = seconds(lambda: nm_mask(scores, 2, 4), args.repeats) * 1000
         reference = seconds(lambda: sorted_mask(scores, 2, 4), args.repeats) * 1000
-        print(f"| {name} {rows} x {columns} | {greedy:.2f} | {ria:.2f} | {mask:.1f} | {reference:.1f} |", flush=True)
+        print(f"| {name} {rows} x {columns} | {alone:.2f} / {alone_rounds} | {together:.2f} / {together_rounds} "
+              f"| {ria:.2f} | {mask:.1f} | {reference:.1f} |", flush=True)
     return 0
 
 

@@ -5,25 +5,45 @@ from __future__ import annotations
 import torch
 
 from learned_permutation.math.objectives import Consumer, SiteProblem
-from learned_permutation.math.solvers.greedy import WindowValues
+from learned_permutation.math.solvers.greedy import WindowValues, solve_greedy
+
+
+def _problem(seed: int, rows: int, channels: int) -> SiteProblem:
+    generator = torch.Generator().manual_seed(seed)
+    return SiteProblem([Consumer(weight=torch.randn(rows, channels, generator=generator),
+                                 act_sq=torch.rand(channels, generator=generator) + 0.1)], 2, 4, "wanda")
 
 
 def test_window_values_after_moves_equal_a_fresh_computation():
-    generator = torch.Generator().manual_seed(0)
-    problem = SiteProblem([Consumer(weight=torch.randn(40, 64, generator=generator),
-                                    act_sq=torch.rand(64, generator=generator) + 0.1)], 2, 4, "wanda")
+    problem = _problem(0, 40, 96)
     scores = problem.consumers[0].score
-    perm = torch.randperm(64, generator=generator)
-    positions = torch.arange(8, 40)  # a window of 8 groups
-    window = WindowValues(problem, scores, perm, positions)
-    for first, second in [(0, 9), (3, 30), (17, 18)]:  # window-local swaps, one inside a group
-        a, b = positions[first], positions[second]
-        perm[a], perm[b] = perm[b].clone(), perm[a].clone()
-        window.update(perm, torch.tensor([first, second]))
-        fresh = WindowValues(problem, scores, perm, positions)
-        assert torch.allclose(window.values, fresh.values, rtol=1e-5)
-        assert torch.allclose(window.current, fresh.current, rtol=1e-5)
-        assert torch.equal(window.slot_threshold, fresh.slot_threshold)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    positions = torch.stack([torch.arange(8, 40), torch.arange(56, 88)])  # two windows of 8 groups
+    batch = WindowValues(problem, scores, perm, positions)
+    # (batch window, local position) swaps: in both windows; in the second only (the first leaves the
+    # batch); then one inside a group of what is now window 0
+    for moves in [[(0, 0, 9), (1, 3, 30), (1, 4, 5)], [(1, 2, 31)], [(0, 17, 18)]]:
+        for window, first, second in moves:
+            a, b = batch.positions[window, first], batch.positions[window, second]
+            perm[a], perm[b] = perm[b].clone(), perm[a].clone()
+        windows = torch.tensor([w for w, _, _ in moves for _ in range(2)])
+        batch.update(perm, windows, torch.tensor([p for _, *pair in moves for p in pair]))
+        fresh = WindowValues(problem, scores, perm, batch.positions)  # the windows still in the batch
+        assert len(batch.positions) == len(set(w for w, _, _ in moves))
+        assert torch.allclose(batch.values, fresh.values, rtol=1e-5)
+        assert torch.allclose(batch.current, fresh.current, rtol=1e-5)
+        assert torch.equal(batch.slot_threshold, fresh.slot_threshold)
+
+
+def test_windows_in_lockstep_give_the_permutation_of_one_window_at_a_time():
+    """The accelerator's lockstep (every window of a sweep per round) decides as the CPU's window-by-window
+    sweep does: windows are disjoint, so neither sees the other's swaps; blocks give windows of two lengths."""
+    problem = _problem(2, 64, 384)
+    for block_size in (None, 128):
+        alone = solve_greedy(problem, block_size, window=96, sweeps=2, lockstep=1)
+        together = solve_greedy(problem, block_size, window=96, sweeps=2, lockstep=1000)
+        assert torch.equal(alone, together)
+        assert not torch.equal(alone, torch.arange(384))  # it swapped something
 
 
 def test_greedy_and_ria_do_not_depend_on_the_broadcast_chunk_size(monkeypatch):
@@ -31,9 +51,7 @@ def test_greedy_and_ria_do_not_depend_on_the_broadcast_chunk_size(monkeypatch):
     from learned_permutation.math import solve_site
     from learned_permutation.math.solvers import greedy, retained
 
-    generator = torch.Generator().manual_seed(1)
-    problem = SiteProblem([Consumer(weight=torch.randn(96, 256, generator=generator),
-                                    act_sq=torch.rand(256, generator=generator) + 0.1)], 2, 4, "wanda")
+    problem = _problem(1, 96, 256)
     found = {}
     for elements in (1 << 10, 1 << 24):  # several slots per chunk at most vs every slot in one chunk
         monkeypatch.setattr(retained, "chunk_elements", lambda device, elements=elements: elements)

@@ -378,14 +378,10 @@ def _polish_round(
         matrix = torch.full((active.numel(), size, size), -torch.inf, device=problem.device)
         matrix[:, first, second] = gain
         matrix[:, second, first] = gain
-        swaps = [
-            (segment, a, c)
-            for segment in range(active.numel())
-            for a, c in disjoint_best_pairs(matrix[segment], groups, problem.m)
-        ]
-        if not swaps:
+        swaps = disjoint_best_pairs(matrix, groups, problem.m).to(problem.device)  # [swaps, 3] segment, a, c
+        if not len(swaps):
             break
-        local, a, c = (torch.tensor(column, device=problem.device) for column in zip(*swaps))
+        local, a, c = swaps.unbind(dim=1)
         segment_index = active[local]
         order[segment_index, a], order[segment_index, c] = order[segment_index, c], order[segment_index, a]
         active = segment_index.unique()  # a segment without an improving swap keeps its gains: it is done

@@ -29,24 +29,43 @@ def slot_statistics(grouped: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
 
 
 def group_retained(grouped: torch.Tensor, n: int) -> torch.Tensor:
-    """Top-N sum per group, summed over rows: ``[groups]``."""
-    return grouped.topk(n, dim=-1).values.sum(dim=-1).sum(dim=0)
+    """Top-N sum per group, summed over rows: ``[..., groups]`` for scores ``[..., rows, groups, M]``."""
+    return row_sums(grouped.topk(n, dim=-1).values.sum(dim=-1))
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """``[..., columns]`` sums over the rows of ``[..., rows, columns]``, each column summed along contiguous
+    memory: a column's float32 sum then does not depend on how many columns are summed with it (a sum over
+    strided rows does), so a window batch decides as the windows would one at a time."""
+    return values.transpose(-1, -2).contiguous().sum(dim=-1)
 
 
 def insertion_values(slot_top: torch.Tensor, slot_threshold: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``V[i, c]``: retained score (summed over rows) of slot i's group when channel column c fills slot i.
+    """``V[..., i, c]``: retained score (summed over rows) of slot i's group when channel column c fills slot i.
 
-    ``slot_top``/``slot_threshold``: ``[rows, slots]``; ``candidates``: ``[rows, channels]``. The sum over
-    rows runs along contiguous memory (channel-major copies), a few slots at a time: twice as fast on
-    CPU as broadcasting row chunks and accumulating ``[slots, channels]`` partial sums.
+    ``slot_top``/``slot_threshold``: ``[..., rows, slots]``; ``candidates``: ``[..., rows, channels]`` (leading
+    dims: independent windows). The sum over rows runs along contiguous memory (channel-major copies), a
+    few slots of a few windows at a time: twice as fast on CPU as broadcasting row chunks and accumulating
+    ``[slots, channels]`` partial sums.
     """
-    rows, slots = slot_top.shape
-    by_channel, thresholds = candidates.T.contiguous(), slot_threshold.T.contiguous()
-    values = slot_top.sum(dim=0)[:, None].expand(slots, candidates.shape[1]).clone()
-    step = max(1, chunk_elements(candidates.device) // max(1, rows * candidates.shape[1]))
-    buffer = by_channel.new_empty(min(step, slots), *by_channel.shape)
-    for start in range(0, slots, step):
-        part = buffer[: min(step, slots - start)]
-        torch.sub(by_channel[None], thresholds[start : start + step, None], out=part)
-        values[start : start + step] += part.clamp_min_(0).sum(dim=-1)
-    return values
+    leading = candidates.shape[:-2]
+    rows, slots = slot_top.shape[-2:]
+    channels = candidates.shape[-1]
+    by_channel = candidates.reshape(-1, rows, channels).transpose(1, 2).contiguous()  # [windows, channels, rows]
+    thresholds = slot_threshold.reshape(-1, rows, slots).transpose(1, 2).contiguous()  # [windows, slots, rows]
+    windows = by_channel.shape[0]
+    values = row_sums(slot_top.reshape(-1, rows, slots))[:, :, None].expand(windows, slots, channels).clone()
+    per_slot = max(1, rows * channels)
+    step = max(1, chunk_elements(candidates.device) // per_slot)  # slots per chunk, over all windows of a chunk
+    window_step = max(1, step // slots) if step >= slots else 1
+    slot_step = min(step, slots)
+    buffer = by_channel.new_empty(min(window_step, windows), slot_step, channels, rows)
+    for first in range(0, windows, window_step):
+        chunk = slice(first, first + window_step)
+        channel_rows, slot_rows, totals = by_channel[chunk, None], thresholds[chunk, :, None], values[chunk]
+        chunk_buffer = buffer[: totals.shape[0]]
+        for start in range(0, slots, slot_step):
+            part = chunk_buffer[:, : min(slot_step, slots - start)]
+            torch.sub(channel_rows, slot_rows[:, start : start + slot_step], out=part)
+            totals[:, start : start + slot_step] += part.clamp_min_(0).sum(dim=-1)
+    return values.reshape(*leading, slots, channels)
