@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from loguru import logger
 from test_modifier import logits, run_oneshot, weights
 from test_selection import batches, input_energy, targeted_linears, wanda_prune_in_storage_order
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learned_permutation import REPORT_FILE, LearnedPermutationModifier, fold_saved_permutations
 from learned_permutation.tools.llama2c import EMBEDDED_MODEL_DIR
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
 N, M = 2, 4
 WANDA = PrunerModel("wanda", N, M)
@@ -174,3 +176,20 @@ def test_objective_model_folds_the_learned_order_on_top_and_saves_the_compositio
 def test_end_to_end_fields_are_checked_before_calibration(outlier_dir, fields, message):
     with pytest.raises(ValueError, match=message):
         run_oneshot(outlier_dir, LearnedPermutationModifier(mask_structure="2:4", **fields))
+
+
+def test_objective_model_with_sparsegpt_is_warned_about_before_calibration(outlier_dir):
+    """It trains against SparseGPT's mask but not its weight update (worse on SmolLM2): said at
+    initialisation (here the run is then refused for its budget, before any forward)."""
+    messages = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        for pruner in (WandaPruningModifier, SparseGPTModifier):
+            with pytest.raises(ValueError, match="holds 256"):
+                run_oneshot(outlier_dir, [
+                    LearnedPermutationModifier(mask_structure="2:4", objective="model",
+                                               end_to_end={"held_out_tokens": 4096, "train_tokens": 4096}),
+                    pruner(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["lm_head"])])
+            assert any("without its weight update" in m for m in messages) == (pruner is SparseGPTModifier)
+    finally:
+        logger.remove(sink)
