@@ -4,7 +4,9 @@ This is the classic baseline: it sees only the (diagonal) retained score, not th
 off-diagonal terms. Gains of every candidate swap in a window are computed at once on a row
 sample; each chosen swap is then re-checked on all rows, so the retained score never decreases.
 The re-check reads channel-major scores and a cached top-N sum per group, so it touches only the
-two groups of each swap.
+two groups of each swap. Windows are disjoint, so several can advance in lockstep (one swap round
+for all of them) with the same result: on an accelerator that turns the sum of their rounds into
+the most any one needs (``lockstep_windows``).
 """
 
 from __future__ import annotations
