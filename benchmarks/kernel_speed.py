@@ -3,7 +3,8 @@
 Per shape (``down_proj`` of SmolLM2-135M, 576 x 1536, and of Llama-3.2-1B, 2048 x 8192; random weights and
 input energies): ``greedy`` as ``select`` runs it (1,024 rows, one sweep), its windows improved one at a time
 (the CPU's default) and all in lockstep (an accelerator's), with the number of sequential swap rounds each
-needs (the permutations are checked equal), and ``ria`` on one prepared site, and the N:M mask of the whole weight by ``nm_mask`` next to a stable sort of each group (the implementation
+needs (the permutations are checked equal), and ``ria`` on one prepared site; and the N:M mask of the whole
+weight by ``nm_mask`` next to a stable sort of each group (the implementation
 ``nm_mask`` replaced; the masks are checked equal). Solvers and masks run on one thread, as in the modifier.
 
     python benchmarks/kernel_speed.py            # about 1 minute on 2 cores

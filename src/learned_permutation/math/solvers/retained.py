@@ -55,10 +55,8 @@ def insertion_values(slot_top: torch.Tensor, slot_threshold: torch.Tensor, candi
     thresholds = slot_threshold.reshape(-1, rows, slots).transpose(1, 2).contiguous()  # [windows, slots, rows]
     windows = by_channel.shape[0]
     values = row_sums(slot_top.reshape(-1, rows, slots))[:, :, None].expand(windows, slots, channels).clone()
-    per_slot = max(1, rows * channels)
-    step = max(1, chunk_elements(candidates.device) // per_slot)  # slots per chunk, over all windows of a chunk
-    window_step = max(1, step // slots) if step >= slots else 1
-    slot_step = min(step, slots)
+    step = max(1, chunk_elements(candidates.device) // max(1, rows * channels))  # (window, slot) pairs per chunk
+    slot_step, window_step = min(step, slots), max(1, step // max(1, slots))  # whole windows when they fit
     buffer = by_channel.new_empty(min(window_step, windows), slot_step, channels, rows)
     for first in range(0, windows, window_step):
         chunk = slice(first, first + window_step)
