@@ -3,7 +3,8 @@
 For each model and calibration seed, 2:4 with the pruner (``--pruner``), every row a real ``oneshot`` run
 evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in ``benchmarks/run.py``):
 
-* the pruner alone; the default (``method: select``);
+* the pruner alone; the default (``method: select``); the default with a `ria+greedy` candidate (greedy
+  started from ria's order);
 * ``objective: model`` from the default's result, residual only (the default ``end_to_end``);
 * the same from the unpermuted model (``candidates: [identity]``): the learning alone;
 * ``objective: model`` on every site (residual, mlp, attn_vo);
@@ -49,6 +50,8 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
     return [
         ("pruner alone", Variant(pruner, "none")),
         ("default (select)", Variant(pruner, "select")),
+        ("select + ria+greedy candidate",
+         Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
         model_objective("select + end-to-end residual"),
         model_objective("identity + end-to-end residual", extra=(("candidates", ("identity",)),)),
         model_objective("select + end-to-end all sites", sites=["residual", "mlp", "attn_vo"]),

@@ -172,7 +172,7 @@ class LearnedPermutationModifier(Modifier):
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
-    candidates: list[Literal["identity", "ria", "greedy", "learned"]] = Field(
+    candidates: list[Literal["identity", "ria", "greedy", "learned", "ria+greedy"]] = Field(
         default_factory=lambda: list(DEFAULT_CANDIDATES)
     )
     sample_tokens: int = Field(default=8192, ge=64)
@@ -245,11 +245,11 @@ class LearnedPermutationModifier(Modifier):
             check_solver_args(self.method, self.solver_args)
             return self
         for name, args in self.solver_args.items():
-            if name not in self.candidates or not isinstance(args, dict):
+            if name not in self._candidate_solvers() or not isinstance(args, dict):
                 raise ValueError(
-                    f"with method 'select', solver_args maps candidate names to their arguments, e.g. "
-                    f"{{greedy: {{sweeps: 5}}}}; {name!r} is not one of the candidates {self.candidates}"
-                    "."
+                    f"with method 'select', solver_args maps the candidates' solvers to their arguments, e.g. "
+                    f"{{greedy: {{sweeps: 5}}}}; {name!r} is not one of the solvers {self._candidate_solvers()} "
+                    f"of the candidates {self.candidates}."
                 )
             check_solver_args(name, args)
         return self
@@ -329,7 +329,12 @@ class LearnedPermutationModifier(Modifier):
         """Knobs per solver: with ``select``, the user's on top of ``SELECT_SOLVER_DEFAULTS``."""
         if self.method != "select":
             return {self.method: dict(self.solver_args)}
-        return {name: {**SELECT_SOLVER_DEFAULTS.get(name, {}), **self.solver_args.get(name, {})} for name in self.candidates}
+        return {name: {**SELECT_SOLVER_DEFAULTS.get(name, {}), **self.solver_args.get(name, {})}
+                for name in self._candidate_solvers()}
+
+    def _candidate_solvers(self) -> list[str]:
+        """The solvers the candidates run, chains (``ria+greedy``) split into their stages."""
+        return list(dict.fromkeys(stage for name in self.candidates for stage in name.split("+")))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()

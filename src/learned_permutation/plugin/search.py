@@ -233,13 +233,20 @@ class PermutationSearch:
         return SiteProblem(consumers, pruner.n, pruner.m, pruner.score)
 
     def _solve(self, site: PermutationSite, problem: SiteProblem) -> dict[str, torch.Tensor]:
-        """Each candidate solver's permutation, every solver from the stored order."""
-        solved: dict[str, torch.Tensor] = {}
+        """Each candidate's permutation: a solver from the stored order, or a chain ``a+b`` (``b`` started
+        from ``a``'s result); a chain's first stages are solved once for every candidate that shares them."""
+        chains: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in self.settings.candidates:
-                knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(name, {})}
-                solved[name] = solve_site(problem, name, block_size=site.block_size, **knobs).cpu()
-        return solved
+                done = ""
+                for stage in name.split("+"):
+                    start, done = chains.get(done), f"{done}+{stage}" if done else stage
+                    if done not in chains:
+                        knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(stage, {})}
+                        if start is not None:
+                            knobs["init"] = start
+                        chains[done] = solve_site(problem, stage, block_size=site.block_size, **knobs)
+        return {name: chains[name].cpu() for name in self.settings.candidates}
 
     def _objectives(self, site, problem: SiteProblem, solved: dict[str, torch.Tensor]) -> dict[str, float]:
         """The layer-wise objective of the stored order (``identity``) and of every candidate."""
