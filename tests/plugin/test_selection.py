@@ -8,6 +8,9 @@ import copy
 import pytest
 import torch
 
+from transformers import Qwen2Config
+
+from learned_permutation.plugin import selection
 from learned_permutation.plugin.selection import (
     SimulatedPruning,
     calibration_sample,
@@ -18,7 +21,7 @@ from learned_permutation.plugin.selection import (
 )
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
-from tiny_models import build_tiny_model
+from tiny_models import TINY_CONFIGS, TINY_SHAPE, build_tiny_model, random_model
 
 N, M = 2, 4
 
@@ -61,6 +64,41 @@ def cross_entropy(model, data: list[dict]) -> float:
 
 def dense_positions(model, batch: dict) -> torch.Tensor:
     return scored_positions(final_hidden(model, batch, "cpu"), batch)
+
+
+def padded_rows(vocab: int, rows: int, length: int) -> dict:
+    """``rows`` random rows, every other one right-padded by a few tokens."""
+    ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, length - 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# Qwen2 with a sliding window on layer 1 only: the two layers get different attention masks.
+MIXED_ATTENTION = lambda: Qwen2Config(**TINY_SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=1)  # noqa: E731
+
+
+@pytest.mark.parametrize("kind", [*TINY_CONFIGS, "qwen2_mixed_attention"])
+def test_layer_by_layer_chunks_compute_the_decoders_own_hidden_states(kind, monkeypatch):
+    model = random_model(MIXED_ATTENTION()) if kind == "qwen2_mixed_attention" else build_tiny_model(kind)
+    batch = padded_rows(model.config.vocab_size, rows=5, length=20)
+    monkeypatch.setattr(selection, "LAYER_CHUNK_TOKENS", 40)  # two rows per layer call
+    with torch.no_grad():
+        expected = model.get_decoder()(**batch).last_hidden_state
+    found = final_hidden(model, batch, "cpu")
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(found[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_each_layer_runs_on_one_chunk_at_a_time_and_finishes_before_the_next(monkeypatch):
+    model = build_tiny_model("llama")
+    batch = padded_rows(model.config.vocab_size, rows=6, length=20)
+    monkeypatch.setattr(selection, "LAYER_CHUNK_TOKENS", 40)
+    events = []
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda _m, args, _o, index=index: events.append((index, args[0].shape[:-1].numel())))
+    final_hidden(model, batch, "cpu", after_layer=lambda index: events.append((index, "done")))
+    assert events == [(0, 40)] * 3 + [(0, "done")] + [(1, 40)] * 3 + [(1, "done")]
 
 
 def test_cross_entropy_is_the_models_own_loss():

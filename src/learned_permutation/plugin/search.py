@@ -3,13 +3,13 @@
 Everything is decided at calibration start, before any pruner has seen an activation, so nothing a
 pruner accumulates ever needs re-indexing, in the independent and the sequential pipeline alike.
 
-1. Layer pass: one forward of the decoder over ``calibration_sample`` tokens (one batch), with hooks
-   that gather the input energy of every targeted Linear and, when the pruner's score reads it
+1. Layer pass: the decoder over ``calibration_sample`` tokens, layer by layer in row chunks
+   (``selection.final_hidden``: a layer's activations are one chunk's), with hooks that gather the input energy of every targeted Linear and, when the pruner's score reads it
    (SparseGPT), the Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run,
    each candidate solver permutes its sites from that layer alone (one prepared problem per site,
    shared by the solvers and the layer-wise objectives), the Hessians are dropped, and the layer's
    residual readers contribute sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's
-   Hessians and the sample's activations.
+   Hessians, the sample's hidden states and one chunk's activations inside a layer.
 2. Residual: each candidate solver permutes the residual stream from the sampled rows.
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
@@ -120,16 +120,14 @@ class PermutationSearch:
         if hessians is not None:
             for site in self.layer_sites:
                 handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
-        for index, layer in enumerate(layers):
-            layer_readers = [m for m in residual_readers if _is_inside(m, layer)]
+        layer_readers = [[m for m in residual_readers if _is_inside(m, layer)] for layer in layers]
 
-            def finish(_module, _args, _output, index=index, layer_readers=layer_readers):
-                self._finish_layer(index, hessians, energy, readers, layer_readers)
+        def finish(index: int) -> None:
+            self._finish_layer(index, hessians, energy, readers, layer_readers[index])
 
-            handles.add(self.hooks.register_hook(layer, finish, "forward"))
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                dense = scored_positions(final_hidden(self.model, sample, device), sample)
+                dense = scored_positions(final_hidden(self.model, sample, device, after_layer=finish), sample)
         finally:
             self.hooks.remove_hooks(handles)
         missing = [s.name for s in self.layer_sites if s not in self.candidates and self.targeted(s)]

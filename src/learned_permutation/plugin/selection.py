@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
+# Tokens per decoder-layer call in ``final_hidden``: Llama-3.2-1B's MLP holds three 8,192-wide
+# activations per token, 96 MiB for 1,024 tokens in fp32 instead of 768 MiB for the 8,192-token sample.
+LAYER_CHUNK_TOKENS = 1024
 
 
 class SimulatedPruning:
@@ -177,20 +181,72 @@ def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, den
 
 
 @torch.no_grad()
-def final_hidden(model: nn.Module, batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
-    """The decoder's last hidden states over ``batch``.
+def final_hidden(
+    model: nn.Module,
+    batch: dict,
+    device: torch.device | str | None = None,
+    after_layer: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The decoder's last hidden states over ``batch``, computed layer by layer over row chunks.
 
-    Runs the decoder alone, with the KV cache off and the model in eval mode: inside llm-compressor's
-    calibration the lm_head's forward is patched to return meta tensors, so heads are applied here by
-    ``head_losses``. Attention runs as ``sdpa`` (llm-compressor forces eager attention for its traced
-    subgraphs; this plain forward does not need it, and eager is slower). ``device``: where the inputs
-    go (default: llm-compressor's main device).
+    Each decoder layer runs on ``LAYER_CHUNK_TOKENS`` tokens at a time (whole rows) before the next
+    layer starts, as llm-compressor's sequential pipeline does: activations inside a layer are one
+    chunk's, whatever the sample size; between layers only the sample's hidden states are kept.
+    ``after_layer(index)`` is called once every chunk has passed layer ``index``.
+    Runs with the KV cache off and the model in eval mode: inside llm-compressor's calibration the
+    lm_head's forward is patched to return meta tensors, so heads are applied here by ``head_losses``.
+    Attention runs as ``sdpa`` (llm-compressor forces eager attention for its traced subgraphs; this
+    plain forward does not need it, and eager is slower). ``device``: where the inputs go (default:
+    llm-compressor's main device).
     """
     device = get_main_device() if device is None else device
+    decoder = model.get_decoder()
+    layers = list(decoder.layers)
+    rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        output = model.get_decoder()(input_ids=batch["input_ids"].to(device),
-                                     attention_mask=_attention_mask(batch).to(device))
-    return output.last_hidden_state
+        chunks = [_layer_inputs(decoder, layers, ids.to(device), mask.to(device))
+                  for ids, mask in zip(batch["input_ids"].split(rows), _attention_mask(batch).split(rows))]
+        for index, layer in enumerate(layers):
+            for chunk in chunks:
+                args, kwargs = chunk.calls[index]
+                chunk.hidden = _layer_output(layer(chunk.hidden, *args, **kwargs))
+            if after_layer is not None:
+                after_layer(index)
+        return torch.cat([decoder.norm(chunk.hidden) for chunk in chunks])
+
+
+@dataclass
+class _LayerInputs:
+    """One row chunk's hidden states and, per decoder layer, the other arguments the decoder passes it
+    (position embeddings, the mask of that layer's attention type)."""
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+def _layer_inputs(decoder: nn.Module, layers: list[nn.Module], input_ids, attention_mask) -> _LayerInputs:
+    """The decoder's own forward with every layer an identity that records its call: the embeddings and
+    each layer's arguments as the decoder builds them, at the cost of the embedding lookup."""
+    calls, embedded = [], []
+
+    def record(hidden, *args, **kwargs):
+        if not embedded:
+            embedded.append(hidden)
+        calls.append((args, kwargs))
+        return hidden
+
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(instance_forward(layer, record))
+        decoder(input_ids=input_ids, attention_mask=attention_mask)
+    if len(calls) != len(layers):
+        raise RuntimeError(f"the decoder called {len(calls)} of its {len(layers)} layers once each; expected all")
+    return _LayerInputs(embedded[0], calls)
+
+
+def _layer_output(output) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers 5 returns them alone, earlier versions in a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
