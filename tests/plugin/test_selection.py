@@ -21,7 +21,7 @@ from learned_permutation.plugin.selection import (
 )
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
-from tiny_models import TINY_CONFIGS, TINY_SHAPE, build_tiny_model, random_model
+from tiny_models import TINY_CONFIGS, TINY_SHAPE, build_tiny_model, random_model, save_tiny_model
 
 N, M = 2, 4
 
@@ -241,3 +241,32 @@ def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
     assert all("forward" not in module.__dict__ for module in act_sq)
     prediction_losses(model, data[0])
     assert set(act_sq) <= set(calls)
+
+
+def test_sequential_simulation_is_llm_compressors_sequential_wanda(tmp_path):
+    """With ``sequential``, each layer's masks come from statistics taken on the already pruned layers'
+    outputs, as llm-compressor's sequential pipeline (``propagate_error``) gives Wanda: the simulated
+    KL is the real pruned model's; the dense model's statistics (the default) give another one."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    model_dir = save_tiny_model("llama", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense = dense_positions(model, batch)
+    act_sq = input_energy(model, [batch])
+    sequential = SimulatedPruning(act_sq, "wanda", N, M, sequential=True).losses(model, batch, dense, {})
+    from_dense_statistics = SimulatedPruning(act_sq, "wanda", N, M).losses(model, batch, dense, {})
+
+    pruned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    oneshot(model=pruned, tokenizer=AutoTokenizer.from_pretrained(model_dir),
+            recipe=WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
+            dataset=Dataset.from_dict({k: v.tolist() for k, v in batch.items()}), num_calibration_samples=4,
+            max_seq_length=32, pipeline="sequential", shuffle_calibration_samples=False)
+    real = prediction_losses(pruned, batch, dense)["kl"]
+    assert sequential["kl"] == pytest.approx(real, rel=1e-4)
+    assert abs(from_dense_statistics["kl"] - real) > 100 * abs(sequential["kl"] - real)

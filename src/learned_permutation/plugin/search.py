@@ -14,14 +14,15 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
-   ``RESIDUAL_SCORING_TOKENS``. The lowest KL is folded. The layer-wise objective and the pruner's
+   ``RESIDUAL_SCORING_TOKENS``, each layer masked from statistics taken on the already pruned layers'
+   outputs, as llm-compressor's sequential pipeline calibrates the pruner. The lowest KL is folded. The layer-wise objective and the pruner's
    per-Linear output error (even after SparseGPT's own update) both rank permutations close to chance
    on held-out text, while this calibration KL ranks whole configurations as held-out KL does
    (``results/ablations/``); and mixing sites from different solvers did worse than either solver's
    own configuration on SmolLM2-135M (``docs/results.md``), so no mixed configuration is scored.
 
-So the cost is one forward over the sample, one over half of it per configuration, and the solves,
-whatever the depth.
+So the cost is one forward over the sample, two over half of it per configuration (a calibration and a
+pruned pass of each layer), and the solves, whatever the depth.
 
 4. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
    model on its calibration loss (``plugin/end_to_end.py``), folded on top when they beat it.
@@ -188,7 +189,7 @@ class PermutationSearch:
         if len(configurations) > 1:
             act_sq = {m: energy.sums[m] for m in self.pruned if m in energy.sums}
             simulation = SimulatedPruning(act_sq, self.settings.pruner.score,
-                                          self.settings.pruner.n, self.settings.pruner.m, device)
+                                          self.settings.pruner.n, self.settings.pruner.m, device, sequential=True)
             scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 
             def score(configuration: dict) -> dict[str, float]:
