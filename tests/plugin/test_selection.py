@@ -57,6 +57,26 @@ def wanda_prune_in_storage_order(model, act_sq: dict) -> None:
             module.weight.mul_(keep.reshape(score.shape))
 
 
+def wanda_prune_sequentially(model, data) -> None:
+    """Wanda's masks layer by layer, each layer's from its inputs in the model whose earlier layers are
+    already pruned (what llm-compressor's sequential pipeline gives the pruner)."""
+    for layer in model.model.layers:
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        stats = InputStatistics(full=False)
+        handles = [m.register_forward_hook(stats.hook) for m in linears]
+        with torch.no_grad():
+            for batch in data:
+                model(**batch)
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for module in linears:
+                score = module.weight.abs() * stats.sums[module].sqrt()
+                groups = score.reshape(score.shape[0], -1, M)
+                keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(N, dim=-1).indices, True)
+                module.weight.mul_(keep.reshape(score.shape))
+
+
 def cross_entropy(model, data: list[dict]) -> float:
     """Mean next-token cross-entropy over equally sized batches."""
     return sum(prediction_losses(model, batch)["ce"] for batch in data) / len(data)
@@ -181,14 +201,13 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
     dense = dense_positions(model, batch)
     dense_loss = prediction_losses(model, batch)["ce"]
 
-    simulated = SimulatedPruning(act_sq, "wanda", N, M).losses(model, batch, dense, orders)
+    simulated = SimulatedPruning(list(act_sq), "wanda", N, M).losses(model, batch, dense, orders)
 
     folded = copy.deepcopy(model)
     for site, perm in zip(find_sites(folded, M, kinds=kinds), perms):
         fold_permutation(folded, site, perm)
     folded_dense = dense_positions(folded, batch)  # its hidden states live in the permuted basis
-    folded_act_sq = input_energy(folded, data)
-    wanda_prune_in_storage_order(folded, folded_act_sq)
+    wanda_prune_sequentially(folded, [batch])
     assert simulated["ce"] == pytest.approx(prediction_losses(folded, batch)["ce"], rel=1e-4)
     assert simulated["kl"] == pytest.approx(prediction_losses(folded, batch, folded_dense)["kl"], rel=1e-4)
     assert simulated["ce"] > dense_loss and simulated["kl"] > 0
@@ -201,7 +220,7 @@ def test_simulated_loss_depends_on_the_permutation():
     act_sq = input_energy(model, data)
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
-    simulation = SimulatedPruning(act_sq, "wanda", N, M)
+    simulation = SimulatedPruning(list(act_sq), "wanda", N, M)
     dense = dense_positions(model, data[0])
     identity = simulation.losses(model, data[0], dense, {})
     shuffled = simulation.losses(model, data[0], dense, dict.fromkeys(readers, torch.randperm(residual.size)))
@@ -221,12 +240,13 @@ def test_leading_rows_are_whole_rows_within_the_budget_and_own_the_first_scored_
 
 
 def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
-    """A simulated Linear's own (dense) forward never runs in a scoring pass: the pass costs one product
-    per Linear, not two, and the class's forward is back afterwards."""
+    """A simulated Linear's own forward never runs in a scoring pass (the simulation computes the dense
+    product of the layer's calibration pass and the pruned one itself, not a third on top), and the
+    class's forward is back afterwards."""
     model = build_tiny_model("llama")
     data = batches(model.config.vocab_size)
     act_sq = input_energy(model, data)
-    simulation = SimulatedPruning(act_sq, "wanda", N, M)
+    simulation = SimulatedPruning(list(act_sq), "wanda", N, M)
     dense = dense_positions(model, data[0])
     calls = []
     original = torch.nn.Linear.forward
@@ -244,9 +264,9 @@ def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
 
 
 def test_sequential_simulation_is_llm_compressors_sequential_wanda(tmp_path):
-    """With ``sequential``, each layer's masks come from statistics taken on the already pruned layers'
-    outputs, as llm-compressor's sequential pipeline (``propagate_error``) gives Wanda: the simulated
-    KL is the real pruned model's; the dense model's statistics (the default) give another one."""
+    """Each layer's masks come from statistics taken on the already pruned layers' outputs, as
+    llm-compressor's sequential pipeline (``propagate_error``) gives Wanda: the simulated KL is the real
+    pruned model's, where masks from the dense model's statistics give another one."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -258,9 +278,9 @@ def test_sequential_simulation_is_llm_compressors_sequential_wanda(tmp_path):
     ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     dense = dense_positions(model, batch)
-    act_sq = input_energy(model, [batch])
-    sequential = SimulatedPruning(act_sq, "wanda", N, M, sequential=True).losses(model, batch, dense, {})
-    from_dense_statistics = SimulatedPruning(act_sq, "wanda", N, M).losses(model, batch, dense, {})
+    simulated = SimulatedPruning(targeted_linears(model), "wanda", N, M).losses(model, batch, dense, {})
+    from_dense_statistics = copy.deepcopy(model)
+    wanda_prune_in_storage_order(from_dense_statistics, input_energy(from_dense_statistics, [batch]))
 
     pruned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     oneshot(model=pruned, tokenizer=AutoTokenizer.from_pretrained(model_dir),
@@ -268,5 +288,6 @@ def test_sequential_simulation_is_llm_compressors_sequential_wanda(tmp_path):
             dataset=Dataset.from_dict({k: v.tolist() for k, v in batch.items()}), num_calibration_samples=4,
             max_seq_length=32, pipeline="sequential", shuffle_calibration_samples=False)
     real = prediction_losses(pruned, batch, dense)["kl"]
-    assert sequential["kl"] == pytest.approx(real, rel=1e-4)
-    assert abs(from_dense_statistics["kl"] - real) > 100 * abs(sequential["kl"] - real)
+    assert simulated["kl"] == pytest.approx(real, rel=1e-4)
+    from_dense_statistics_kl = prediction_losses(from_dense_statistics, batch, dense)["kl"]
+    assert abs(from_dense_statistics_kl - real) > 100 * abs(simulated["kl"] - real)

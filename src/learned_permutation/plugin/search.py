@@ -180,22 +180,22 @@ class PermutationSearch:
     def _choose_configuration(self, sample, device, energy: InputStatistics, dense) -> None:
         """Fold the configuration (each candidate solver's permutation at every site) whose simulated
         pruning diverges least from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``.
-        One forward per distinct configuration, whatever the depth."""
+        One pass (each layer calibrated, then pruned) per distinct configuration, whatever the depth."""
         start = time.perf_counter()
         configurations = _distinct_configurations(
             {label: {site: found.perms[label] for site, found in self.candidates.items()}
              for label in self.settings.candidates})
         losses: dict[str, dict[str, float]] = {}
         if len(configurations) > 1:
-            act_sq = {m: energy.sums[m] for m in self.pruned if m in energy.sums}
-            simulation = SimulatedPruning(act_sq, self.settings.pruner.score,
-                                          self.settings.pruner.n, self.settings.pruner.m, device, sequential=True)
+            simulated = [m for m in self.pruned if m in energy.sums]
+            simulation = SimulatedPruning(simulated, self.settings.pruner.score,
+                                          self.settings.pruner.n, self.settings.pruner.m, device)
             scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 
             def score(configuration: dict) -> dict[str, float]:
                 orders = {named.module: site.consumer_column_index(perm)
                           for site, perm in configuration.items() for named in site.consumer_modules
-                          if named.module in act_sq}
+                          if named.module in simulated}
                 return simulation.losses(self.model, scoring, dense[:scored], orders)
 
             losses = {label: score(configuration) for label, configuration in configurations.items()}

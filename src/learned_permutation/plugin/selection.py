@@ -5,12 +5,11 @@ permutations the way held-out text does, while the calibration loss of the prune
 (``results/ablations/``). So a configuration (a column order for every Linear whose input a
 permutation re-orders) is scored by the KL divergence of the pruned model's predictions from the
 dense model's on the calibration sample: every targeted Linear masked the way the pruner would mask
-it (its score's N:M mask in the configuration's order, no weight update), one forward pass per
+it (its score's N:M mask in the configuration's order, no weight update), one pass per
 configuration; the dense side comes from the modifier's own statistics pass, at no extra forward.
-With ``sequential`` the masks read the statistics llm-compressor's sequential pipeline gives the pruner
-(``propagate_error``): each layer first runs densely on the already pruned layers' outputs to gather its
-inputs' energy, then pruned; on stories260K this turned a misranked calibration set (Wanda 2:4, seed 0:
-ria's configuration chosen over greedy's, held-out 59.0 against 51.8 ppl) into the held-out order.
+The masks read the statistics llm-compressor's sequential pipeline gives the pruner (each layer's from
+the already pruned layers' outputs), so each layer runs twice per configuration: densely to gather
+them, then pruned.
 Each simulated Linear's ``forward`` is replaced for the pass (not hooked after it, which would compute
 every product twice); masks are computed per call from the weight and the input energy, so memory
 stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
@@ -60,54 +59,52 @@ LAYER_CHUNK_TOKENS = 1024
 class SimulatedPruning:
     """Linears made to compute with their N:M-pruned weights, in a candidate's order.
 
-    ``act_sq`` maps every Linear to simulate to its input energy (what the score needs). A candidate
-    is a column order per Linear whose input a permutation would re-order (``column_orders``: the
-    pruner's mask is taken on ``W[:, order]`` and scattered back); the others are masked as stored.
+    ``modules``: the Linears to simulate. A candidate is a column order per Linear whose input a
+    permutation would re-order (``column_orders``: the pruner's mask is taken on ``W[:, order]`` and
+    scattered back); the others are masked as stored. Masks read the statistics llm-compressor's
+    sequential pipeline gives the pruner (``propagate_error``): every decoder layer first runs densely
+    on the already pruned layers' outputs to gather its inputs' energy, then runs pruned.
     """
 
     def __init__(
         self,
-        act_sq: dict[nn.Linear, torch.Tensor],
+        modules: Iterable[nn.Linear],
         score_kind: str,
         n: int,
         m: int,
         device: torch.device | str | None = None,
-        sequential: bool = False,
     ):
-        self.act_sq, self.score_kind, self.n, self.m = act_sq, score_kind, n, m
-        self.device, self.sequential = device, sequential
+        self.modules, self.score_kind, self.n, self.m = list(modules), score_kind, n, m
+        self.device = device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
-        self.energies: dict[nn.Module, torch.Tensor] = {}
-        self.observing: InputStatistics | None = None
+        self.energies = InputStatistics(full=False)
+        self.observing = False
 
     def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
         """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
-        self.column_orders, self.energies = column_orders, dict(self.act_sq)
+        self.column_orders, self.energies = column_orders, InputStatistics(full=False)
         with contextlib.ExitStack() as stack:
-            for module in self.act_sq:
+            for module in self.modules:
                 stack.enter_context(instance_forward(module, partial(self._pruned_forward, module)))
             with HooksMixin.disable_hooks():  # no other modifier observes these passes
-                return prediction_losses(model, batch, dense, self.device,
-                                         observe=self._observe if self.sequential else None)
+                return prediction_losses(model, batch, dense, self.device, observe=self._observe)
 
     @contextlib.contextmanager
     def _observe(self, _index: int) -> Iterator[None]:
-        """A layer's dense calibration pass on the pruned model's hidden states: its Linears' input
-        energies then replace the given ones for the masks of its pruned pass."""
-        self.observing = InputStatistics(full=False)
+        """A layer's dense calibration pass: its Linears gather their inputs' energy."""
+        self.observing = True
         try:
             yield
-            self.energies.update(self.observing.sums)
         finally:
-            self.observing = None
+            self.observing = False
 
     def _pruned_forward(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         weight = module.weight
-        if self.observing is not None:
-            self.observing.accumulate(module, inputs)
+        if self.observing:
+            self.energies.accumulate(module, inputs)
             return F.linear(inputs, weight, module.bias)
         with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
-            scores = pruning_score(self.score_kind, weight, act_sq=self.energies[module].to(weight.device))
+            scores = pruning_score(self.score_kind, weight, act_sq=self.energies.sums[module].to(weight.device))
             order = self.column_orders.get(module)
             if order is None:
                 keep = nm_mask(scores, self.n, self.m)
