@@ -129,7 +129,8 @@ class LearnedPermutationModifier(Modifier):
         ``learned_permutation.math.solve_permutation``): for a single ``method`` that
         solver's, e.g. ``{steps: 200}``; with ``select`` per candidate, e.g.
         ``{greedy: {sweeps: 5}}``.
-    :param candidates: ``select`` only: the solvers whose configurations are compared.
+    :param candidates: ``select`` only: the solvers whose configurations are compared; ``ria+greedy``
+        is ``greedy`` started from ``ria``'s order.
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param seed: seed for every random choice of the solvers.
