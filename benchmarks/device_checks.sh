@@ -9,12 +9,14 @@
 #   step-time: seconds per step of `objective: model` (end-to-end learning) on random-weight models of
 #              SmolLM2-135M's and Llama-3.2-1B's full configurations (benchmarks/end_to_end_step_time.py);
 #   kernels:   greedy, ria and the N:M mask on down_proj shapes (benchmarks/kernel_speed.py --device cuda);
-#   scale:     benchmarks/scale.py on the Llama-3.2-1B layer shape (4 layers, vocabulary 4096), both pruners.
-#     bash benchmarks/device_checks.sh                 # all three
+#   scale:     benchmarks/scale.py on the Llama-3.2-1B layer shape (4 layers, vocabulary 4096), both pruners;
+#   memory:    the modifier's own peak GPU memory on that shape, layers run in 1,024-token chunks and on the
+#              whole sample at once (benchmarks/layer_pass_memory.py).
+#     bash benchmarks/device_checks.sh                 # all four
 #     bash benchmarks/device_checks.sh kernels scale   # some
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
-parts=${*:-step-time kernels scale}
+parts=${*:-step-time kernels scale memory}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -31,4 +33,7 @@ if [[ " $parts " == *" kernels "* ]]; then
 fi
 if [[ " $parts " == *" scale "* ]]; then
   timeout ${SCALE_TIMEOUT:-330} python3 benchmarks/scale.py --shape 2048,8192,4,32,8 --threads 16 --output "$OUT/llama-1b-layer-shape-gpu" 2>&1 | tee "$OUT/scale.log" | grep -E "^\|" | tail -4
+fi
+if [[ " $parts " == *" memory "* ]]; then
+  timeout ${MEMORY_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --threads 16 --output "$OUT/layer_pass_memory.md" 2>&1 | grep -E "^\|" | tee "$OUT/layer_pass_memory.log"
 fi

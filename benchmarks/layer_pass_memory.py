@@ -1,7 +1,8 @@
 """The modifier's own peak memory, with its passes run layer by layer in row chunks and as one batch.
 
-Runs a permutation-only ``oneshot`` (the default ``LearnedPermutationModifier``, Wanda's score) on a
-random-weight Llama shape once per ``--chunk-tokens`` setting, each in its own child process, side by
+Runs ``oneshot`` with the default ``LearnedPermutationModifier`` and Wanda 2:4 (so llm-compressor's
+sequential pipeline places the model as in a real run) on a random-weight Llama shape once per
+``--chunk-tokens`` setting, each in its own child process, side by
 side in one invocation. ``all`` runs every decoder layer on the whole sample at once (what the passes
 did before ``plugin/selection.py``'s ``LAYER_CHUNK_TOKENS``); a number runs each layer on that many
 tokens at a time. Measured: the peak memory during ``PermutationSearch.run`` above what the process
@@ -48,6 +49,7 @@ def child(args) -> None:
     from learned_permutation import LearnedPermutationModifier
     from learned_permutation.plugin import search, selection
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -79,9 +81,10 @@ def child(args) -> None:
         measured["permutations"] = {name: perm.tolist() for name, perm in self.permutations.items()}
 
     search.PermutationSearch.run = measured_run
-    modifier = LearnedPermutationModifier(mask_structure="2:4", score="wanda")
+    modifier = LearnedPermutationModifier(mask_structure="2:4")
+    pruner = WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
     with tempfile.TemporaryDirectory() as output:
-        oneshot(model=model, tokenizer=tokenizer, recipe=[modifier], dataset=dataset, output_dir=output,
+        oneshot(model=model, tokenizer=tokenizer, recipe=[modifier, pruner], dataset=dataset, output_dir=output,
                 num_calibration_samples=len(ids), max_seq_length=args.seq_len, shuffle_calibration_samples=False)
     sample_tokens = min(modifier.sample_tokens, ids.numel())
     layer = model.model.layers[0]
