@@ -19,11 +19,13 @@ from learned_permutation.plugin.selection import (
     prediction_losses,
     scored_positions,
 )
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
 from tiny_models import TINY_CONFIGS, TINY_SHAPE, build_tiny_model, random_model, save_tiny_model
 
 N, M = 2, 4
+WANDA = PrunerModel("wanda", N, M)
 
 
 def batches(vocab: int, seed: int = 0, count: int = 3) -> list[dict]:
@@ -201,7 +203,7 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
     dense = dense_positions(model, batch)
     dense_loss = prediction_losses(model, batch)["ce"]
 
-    simulated = SimulatedPruning(list(act_sq), "wanda", N, M).losses(model, batch, dense, orders)
+    simulated = SimulatedPruning(list(act_sq), WANDA).losses(model, batch, dense, orders)
 
     folded = copy.deepcopy(model)
     for site, perm in zip(find_sites(folded, M, kinds=kinds), perms):
@@ -220,7 +222,7 @@ def test_simulated_loss_depends_on_the_permutation():
     act_sq = input_energy(model, data)
     residual = find_sites(model, M, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if named.module in act_sq]
-    simulation = SimulatedPruning(list(act_sq), "wanda", N, M)
+    simulation = SimulatedPruning(list(act_sq), WANDA)
     dense = dense_positions(model, data[0])
     identity = simulation.losses(model, data[0], dense, {})
     shuffled = simulation.losses(model, data[0], dense, dict.fromkeys(readers, torch.randperm(residual.size)))
@@ -246,7 +248,7 @@ def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
     model = build_tiny_model("llama")
     data = batches(model.config.vocab_size)
     act_sq = input_energy(model, data)
-    simulation = SimulatedPruning(list(act_sq), "wanda", N, M)
+    simulation = SimulatedPruning(list(act_sq), WANDA)
     dense = dense_positions(model, data[0])
     calls = []
     original = torch.nn.Linear.forward
@@ -263,31 +265,38 @@ def test_simulated_linears_compute_only_their_pruned_product(monkeypatch):
     assert set(act_sq) <= set(calls)
 
 
-def test_sequential_simulation_is_llm_compressors_sequential_wanda(tmp_path):
-    """Each layer's masks come from statistics taken on the already pruned layers' outputs, as
-    llm-compressor's sequential pipeline (``propagate_error``) gives Wanda: the simulated KL is the real
-    pruned model's, where masks from the dense model's statistics give another one."""
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_sequential_simulation_is_llm_compressors_own_pruning(pruner, tmp_path):
+    """Each layer is pruned from statistics taken on the already pruned layers' outputs, as
+    llm-compressor's sequential pipeline (``propagate_error``) gives the pruner, and with SparseGPT by
+    SparseGPT's own update: the simulated KL is the real pruned model's. Wanda masks from the dense
+    model's statistics, or SparseGPT's mask without its update, give another one."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     model_dir = save_tiny_model("llama", tmp_path)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     dense = dense_positions(model, batch)
-    simulated = SimulatedPruning(targeted_linears(model), "wanda", N, M).losses(model, batch, dense, {})
-    from_dense_statistics = copy.deepcopy(model)
-    wanda_prune_in_storage_order(from_dense_statistics, input_energy(from_dense_statistics, [batch]))
+    recipe = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[pruner](
+        sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
+    simulated_pruner = PrunerModel.following(recipe, pruner, N, M)
+    simulated = SimulatedPruning(targeted_linears(model), simulated_pruner).losses(model, batch, dense, {})
+    if pruner == "wanda":
+        other = copy.deepcopy(model)
+        wanda_prune_in_storage_order(other, input_energy(other, [batch]))
+        other_kl = prediction_losses(other, batch, dense)["kl"]
+    else:
+        other_kl = SimulatedPruning(targeted_linears(model), PrunerModel(pruner, N, M)).losses(model, batch, dense, {})["kl"]
 
     pruned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    oneshot(model=pruned, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-            recipe=WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
+    oneshot(model=pruned, tokenizer=AutoTokenizer.from_pretrained(model_dir), recipe=recipe,
             dataset=Dataset.from_dict({k: v.tolist() for k, v in batch.items()}), num_calibration_samples=4,
             max_seq_length=32, pipeline="sequential", shuffle_calibration_samples=False)
     real = prediction_losses(pruned, batch, dense)["kl"]
     assert simulated["kl"] == pytest.approx(real, rel=1e-4)
-    from_dense_statistics_kl = prediction_losses(from_dense_statistics, batch, dense)["kl"]
-    assert abs(from_dense_statistics_kl - real) > 100 * abs(simulated["kl"] - real)
+    assert abs(other_kl - real) > 100 * abs(simulated["kl"] - real)

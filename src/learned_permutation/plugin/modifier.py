@@ -304,7 +304,7 @@ class LearnedPermutationModifier(Modifier):
             self._objective_modules,
             SearchSettings(
                 candidates=tuple(self.candidates) if self.method == "select" else (self.method,),
-                pruner=PrunerModel(self._score_kind, self._n, self._m),
+                pruner=PrunerModel.following(self._pruner, self._score_kind, self._n, self._m),
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
                 end_to_end=self.end_to_end if self.objective == "model" else None,

@@ -188,8 +188,7 @@ class PermutationSearch:
         losses: dict[str, dict[str, float]] = {}
         if len(configurations) > 1:
             simulated = [m for m in self.pruned if m in energy.sums]
-            simulation = SimulatedPruning(simulated, self.settings.pruner.score,
-                                          self.settings.pruner.n, self.settings.pruner.m, device)
+            simulation = SimulatedPruning(simulated, self.settings.pruner, device)
             scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 
             def score(configuration: dict) -> dict[str, float]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressed_tensors.utils import patch_attr
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import disable_cache, eval_context
@@ -36,6 +37,7 @@ from learned_permutation.math import nm_mask
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
 from learned_permutation.math.threads import solver_threads
+from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
 
 __all__ = [
@@ -60,56 +62,80 @@ class SimulatedPruning:
     """Linears made to compute with their N:M-pruned weights, in a candidate's order.
 
     ``modules``: the Linears to simulate. A candidate is a column order per Linear whose input a
-    permutation would re-order (``column_orders``: the pruner's mask is taken on ``W[:, order]`` and
-    scattered back); the others are masked as stored. Masks read the statistics llm-compressor's
-    sequential pipeline gives the pruner (``propagate_error``): every decoder layer first runs densely
-    on the already pruned layers' outputs to gather its inputs' energy, then runs pruned.
+    permutation would re-order (``column_orders``: the pruner works on ``W[:, order]``, the result is
+    scattered back); the others are pruned as stored. Pruning reads the statistics llm-compressor's
+    sequential pipeline gives the pruner (``propagate_error``): every decoder layer first runs densely on
+    the already pruned layers' outputs to gather its inputs' energy (Wanda) or Hessians (SparseGPT),
+    then runs pruned. With SparseGPT (``pruner.obs_block_size``) the pruned weights are SparseGPT's own
+    (llm-compressor's ``sparsify_weight``: its mask and OBS update), one layer's at a time.
     """
 
-    def __init__(
-        self,
-        modules: Iterable[nn.Linear],
-        score_kind: str,
-        n: int,
-        m: int,
-        device: torch.device | str | None = None,
-    ):
-        self.modules, self.score_kind, self.n, self.m = list(modules), score_kind, n, m
-        self.device = device
+    def __init__(self, modules: Iterable[nn.Linear], pruner: PrunerModel, device: torch.device | str | None = None):
+        self.modules, self.pruner, self.device = list(modules), pruner, device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
-        self.energies = InputStatistics(full=False)
+        self.statistics = InputStatistics(full=self.updates_weights)
+        self.updated: dict[nn.Module, torch.Tensor] = {}  # SparseGPT's weights of the current layer
         self.observing = False
+
+    @property
+    def updates_weights(self) -> bool:
+        return self.pruner.obs_block_size is not None
 
     def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
         """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
-        self.column_orders, self.energies = column_orders, InputStatistics(full=False)
-        with contextlib.ExitStack() as stack:
-            for module in self.modules:
-                stack.enter_context(instance_forward(module, partial(self._pruned_forward, module)))
-            with HooksMixin.disable_hooks():  # no other modifier observes these passes
-                return prediction_losses(model, batch, dense, self.device, observe=self._observe)
+        self.column_orders, self.statistics = column_orders, InputStatistics(full=self.updates_weights)
+        try:
+            with contextlib.ExitStack() as stack:
+                for module in self.modules:
+                    stack.enter_context(instance_forward(module, partial(self._pruned_forward, module)))
+                with HooksMixin.disable_hooks():  # no other modifier observes these passes
+                    return prediction_losses(model, batch, dense, self.device, observe=self._observe)
+        finally:
+            self.updated, self.statistics = {}, InputStatistics(full=self.updates_weights)
 
     @contextlib.contextmanager
     def _observe(self, _index: int) -> Iterator[None]:
-        """A layer's dense calibration pass: its Linears gather their inputs' energy."""
-        self.observing = True
+        """A layer's dense calibration pass: its Linears gather their inputs' statistics; with SparseGPT
+        they are then pruned as SparseGPT would (the previous layer's weights dropped first)."""
+        self.updated, self.observing = {}, True
         try:
             yield
         finally:
             self.observing = False
+        if self.updates_weights:
+            layer = list(self.statistics.sums)
+            self.updated = {module: self._sparsegpt_weight(module, self.statistics.sums.pop(module)) for module in layer}
+
+    def _sparsegpt_weight(self, module: nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
+        """llm-compressor's SparseGPT result for ``module`` with its columns in the candidate's order,
+        back in the stored order."""
+        weight = module.weight.detach()
+        order = self.column_orders.get(module)
+        if order is not None:
+            order = order.to(weight.device)
+            weight, hessian = weight[:, order], hessian[order][:, order]
+        stand_in = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        stand_in.weight = nn.Parameter(weight, requires_grad=False)
+        pruner = self.pruner
+        _, pruned = sparsify_weight(stand_in, {stand_in: hessian}, pruner.n / pruner.m, pruner.n, pruner.m,
+                                    pruner.obs_block_size, pruner.obs_dampening, False)
+        return pruned if order is None else pruned[:, torch.argsort(order)]
 
     def _pruned_forward(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         weight = module.weight
         if self.observing:
-            self.energies.accumulate(module, inputs)
+            self.statistics.accumulate(module, inputs)
             return F.linear(inputs, weight, module.bias)
+        if module in self.updated:
+            return F.linear(inputs, self.updated[module].to(inputs.dtype), module.bias)
+        pruner = self.pruner
         with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
-            scores = pruning_score(self.score_kind, weight, act_sq=self.energies.sums[module].to(weight.device))
+            scores = pruning_score(pruner.score, weight, act_sq=self.statistics.sums[module].to(weight.device))
             order = self.column_orders.get(module)
             if order is None:
-                keep = nm_mask(scores, self.n, self.m)
+                keep = nm_mask(scores, pruner.n, pruner.m)
             else:
-                keep = mask_in_original_order(scores, order.to(weight.device), self.n, self.m)
+                keep = mask_in_original_order(scores, order.to(weight.device), pruner.n, pruner.m)
             pruned = weight * keep
         return F.linear(inputs, pruned, module.bias)
 
