@@ -4,15 +4,15 @@ On the models we measured, neither the layer-wise objective nor the pruner's per
 permutations the way held-out text does, while the calibration loss of the pruned model does
 (``results/ablations/``). So a configuration (a column order for every Linear whose input a
 permutation re-orders) is scored by the KL divergence of the pruned model's predictions from the
-dense model's on the calibration sample: every targeted Linear masked the way the pruner would mask
-it (its score's N:M mask in the configuration's order, no weight update), one pass per
-configuration; the dense side comes from the modifier's own statistics pass, at no extra forward.
-The masks read the statistics llm-compressor's sequential pipeline gives the pruner (each layer's from
-the already pruned layers' outputs), so each layer runs twice per configuration: densely to gather
-them, then pruned.
-Each simulated Linear's ``forward`` is replaced for the pass (not hooked after it, which would compute
-every product twice); masks are computed per call from the weight and the input energy, so memory
-stays one Linear's mask, and each module is onloaded only for its own forward (offload-safe).
+dense model's on the calibration sample: every targeted Linear pruned the way the pruner would prune
+it in the configuration's order (Wanda: its N:M mask; SparseGPT: its mask and OBS weight update), one
+pass per configuration; the dense side comes from the modifier's own statistics pass, at no extra
+forward. Pruning reads the statistics llm-compressor's sequential pipeline gives the pruner (each
+layer's from the already pruned layers' outputs), so each layer runs twice per configuration: densely
+to gather them, then pruned. Each simulated Linear's ``forward`` is replaced for the pass (not hooked
+after it, which would compute every product twice); Wanda's masks are computed per call from the
+weight and the input energy (memory: one Linear's mask), SparseGPT's weights once per layer (memory:
+one layer's Hessians and weights), and each module is onloaded only for its own forward (offload-safe).
 """
 
 from __future__ import annotations
