@@ -39,6 +39,7 @@ from learned_permutation.math.objectives import mask_in_original_order
 from learned_permutation.math.threads import solver_threads
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
+from learned_permutation.structure.offload import read_parameter
 
 __all__ = [
     "SimulatedPruning",
@@ -109,7 +110,7 @@ class SimulatedPruning:
     def _sparsegpt_weight(self, module: nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
         """llm-compressor's SparseGPT result for ``module`` with its columns in the candidate's order,
         back in the stored order."""
-        weight = module.weight.detach()
+        weight = read_parameter(module, "weight")  # outside the module's forward: onloaded explicitly
         order = self.column_orders.get(module)
         if order is not None:
             order = order.to(weight.device)
