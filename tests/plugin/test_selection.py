@@ -14,10 +14,10 @@ from learned_permutation.plugin import selection
 from learned_permutation.plugin.selection import (
     SimulatedPruning,
     calibration_sample,
-    final_hidden,
+    predicting_positions,
+    scored_final_hidden,
     leading_rows,
     prediction_losses,
-    scored_positions,
 )
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
@@ -85,7 +85,7 @@ def cross_entropy(model, data: list[dict]) -> float:
 
 
 def dense_positions(model, batch: dict) -> torch.Tensor:
-    return scored_positions(final_hidden(model, batch, "cpu"), batch)
+    return scored_final_hidden(model, batch, "cpu")
 
 
 def padded_rows(vocab: int, rows: int, length: int) -> dict:
@@ -107,9 +107,9 @@ def test_layer_by_layer_chunks_compute_the_decoders_own_hidden_states(kind, monk
     monkeypatch.setattr(selection, "LAYER_CHUNK_TOKENS", 40)  # two rows per layer call
     with torch.no_grad():
         expected = model.get_decoder()(**batch).last_hidden_state
-    found = final_hidden(model, batch, "cpu")
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(found[real], expected[real], rtol=1e-4, atol=1e-5)
+    found = scored_final_hidden(model, batch, "cpu")
+    scored = expected[:, :-1][predicting_positions(batch["attention_mask"])]
+    torch.testing.assert_close(found, scored, rtol=1e-4, atol=1e-5)
 
 
 def test_each_layer_runs_on_one_chunk_at_a_time_and_finishes_before_the_next(monkeypatch):
@@ -119,7 +119,7 @@ def test_each_layer_runs_on_one_chunk_at_a_time_and_finishes_before_the_next(mon
     events = []
     for index, layer in enumerate(model.model.layers):
         layer.mlp.register_forward_hook(lambda _m, args, _o, index=index: events.append((index, args[0].shape[:-1].numel())))
-    final_hidden(model, batch, "cpu", after_layer=lambda index: events.append((index, "done")))
+    scored_final_hidden(model, batch, "cpu", after_layer=lambda index: events.append((index, "done")))
     assert events == [(0, 40)] * 3 + [(0, "done")] + [(1, 40)] * 3 + [(1, "done")]
 
 

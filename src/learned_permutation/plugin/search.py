@@ -4,7 +4,7 @@ Everything is decided at calibration start, before any pruner has seen an activa
 pruner accumulates ever needs re-indexing, in the independent and the sequential pipeline alike.
 
 1. Layer pass: the decoder over ``calibration_sample`` tokens, layer by layer in row chunks
-   (``selection.final_hidden``: a layer's activations are one chunk's), with hooks that gather the input energy of every targeted Linear and, when the pruner's score reads it
+   (``selection.scored_final_hidden``: a layer's activations are one chunk's), with hooks that gather the input energy of every targeted Linear and, when the pruner's score reads it
    (SparseGPT), the Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run,
    each candidate solver permutes its sites from that layer alone (one prepared problem per site,
    shared by the solvers and the layer-wise objectives), the Hessians are dropped, and the layer's
@@ -45,7 +45,7 @@ from learned_permutation.math import SiteProblem, solve_site
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
-from learned_permutation.plugin.selection import SimulatedPruning, final_hidden, leading_rows, scored_positions
+from learned_permutation.plugin.selection import SimulatedPruning, leading_rows, scored_final_hidden
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.structure import PermutationSite, fold_permutation
 from learned_permutation.structure.offload import read_parameter
@@ -128,7 +128,7 @@ class PermutationSearch:
 
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                dense = scored_positions(final_hidden(self.model, sample, device, after_layer=finish), sample)
+                dense = scored_final_hidden(self.model, sample, device, after_layer=finish)
         finally:
             self.hooks.remove_hooks(handles)
         missing = [s.name for s in self.layer_sites if s not in self.candidates and self.targeted(s)]

@@ -44,17 +44,16 @@ from learned_permutation.structure.offload import read_parameter
 __all__ = [
     "SimulatedPruning",
     "calibration_sample",
-    "final_hidden",
+    "scored_final_hidden",
     "head_losses",
     "instance_forward",
     "leading_rows",
     "predicting_positions",
     "prediction_losses",
-    "scored_positions",
 ]
 
 HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
-# Tokens per decoder-layer call in ``final_hidden``: Llama-3.2-1B's MLP holds three 8,192-wide
+# Tokens per decoder-layer call in ``scored_final_hidden``: Llama-3.2-1B's MLP holds three 8,192-wide
 # activations per token, 96 MiB for 1,024 tokens in fp32 instead of 768 MiB for the 8,192-token sample.
 LAYER_CHUNK_TOKENS = 1024
 
@@ -182,7 +181,7 @@ def calibration_sample(batches: Iterable[dict], tokens: int) -> dict:
 
 def leading_rows(sample: dict, tokens: int) -> tuple[dict, int]:
     """The first rows of ``sample`` (hash-ordered, from ``calibration_sample``) that hold at most
-    ``tokens`` tokens (at least one row), and how many of ``sample``'s ``scored_positions`` they own
+    ``tokens`` tokens (at least one row), and how many of ``sample``'s scored positions they own
     (those come first, as positions are flattened row by row)."""
     mask = sample["attention_mask"]
     rows = max(1, int((mask.sum(dim=1).cumsum(0) <= tokens).sum()))
@@ -206,11 +205,6 @@ def predicting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
 
 
-def scored_positions(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The final hidden states that predict a next token: every non-padded position but each row's last."""
-    return hidden[:, :-1][predicting_positions(batch["attention_mask"].to(hidden.device))]
-
-
 def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, dense: torch.Tensor | None = None):
     """Summed next-token cross-entropy of ``hidden`` (scored positions) and, given the dense model's
     hidden states at the same positions, summed KL(dense || model), ``HEAD_CHUNK_TOKENS`` at a time so
@@ -228,14 +222,16 @@ def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, den
 
 
 @torch.no_grad()
-def final_hidden(
+def scored_final_hidden(
     model: nn.Module,
     batch: dict,
     device: torch.device | str | None = None,
     after_layer: Callable[[int], None] | None = None,
     observe: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> torch.Tensor:
-    """The decoder's last hidden states over ``batch``, computed layer by layer over row chunks.
+    """The decoder's last hidden states at the positions of ``batch`` that predict a next token (every
+    non-padded position but each row's last; ``predicting_positions``), computed layer by layer over row
+    chunks.
 
     Each decoder layer runs on ``LAYER_CHUNK_TOKENS`` tokens at a time (whole rows) before the next
     layer starts, as llm-compressor's sequential pipeline does: activations inside a layer are one
@@ -253,9 +249,10 @@ def final_hidden(
     decoder = model.get_decoder()
     layers = list(decoder.layers)
     rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
+    masks = _attention_mask(batch).to(device).split(rows)
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        chunks = [_layer_inputs(decoder, layers, ids.to(device), mask.to(device))
-                  for ids, mask in zip(batch["input_ids"].split(rows), _attention_mask(batch).split(rows))]
+        chunks = [_layer_inputs(decoder, layers, ids.to(device), mask)
+                  for ids, mask in zip(batch["input_ids"].split(rows), masks)]
         for index, layer in enumerate(layers):
             if observe is not None:
                 with observe(index):
@@ -263,7 +260,11 @@ def final_hidden(
             _run_layer(layer, index, chunks, keep=True)
             if after_layer is not None:
                 after_layer(index)
-        return torch.cat([decoder.norm(chunk.hidden) for chunk in chunks])
+        scored = []
+        for chunk, mask in zip(chunks, masks):  # each chunk's states freed as its scored ones are kept
+            scored.append(decoder.norm(chunk.hidden)[:, :-1][predicting_positions(mask)])
+            chunk.hidden = None
+        return torch.cat(scored)
 
 
 def _run_layer(layer: nn.Module, index: int, chunks: list[_LayerInputs], keep: bool) -> None:
@@ -318,11 +319,11 @@ def prediction_losses(
     observe: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Mean next-token cross-entropy (``ce``) over the non-padded tokens of ``batch`` and, given the
-    dense model's ``scored_positions`` on it, mean KL(dense || model) (``kl``): the divergence sees the
+    dense model's ``scored_final_hidden`` on it, mean KL(dense || model) (``kl``): the divergence sees the
     whole predicted distribution rather than one sampled token, so it ranks candidates with far less
-    noise than the cross-entropy on the same tokens. ``observe``: as in ``final_hidden``."""
+    noise than the cross-entropy on the same tokens. ``observe``: as in ``scored_final_hidden``."""
     batch = {**batch, "attention_mask": _attention_mask(batch)}
-    hidden = scored_positions(final_hidden(model, batch, device, observe=observe), batch)
+    hidden = scored_final_hidden(model, batch, device, observe=observe)
     if hidden.shape[0] == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")
     labels = batch["input_ids"][:, 1:][predicting_positions(batch["attention_mask"])].to(hidden.device)
