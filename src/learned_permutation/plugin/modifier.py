@@ -84,15 +84,16 @@ class LearnedPermutationModifier(Modifier):
         - discover the permutation sites (residual, per-layer mlp and attn_vo)
     - on_calibration_start (``learned_permutation.plugin.search``), before any pruner
       has seen an activation
-        - one forward pass over ``sample_tokens`` calibration tokens: as each decoder layer
-          finishes, every candidate solver permutes its mlp and attn_vo sites from that layer
+        - one pass over ``sample_tokens`` calibration tokens, layer by layer in 1,024-token
+          chunks (as the sequential pipeline runs): as each decoder layer finishes, every candidate solver permutes its mlp and attn_vo sites from that layer
           alone (from its Hessians with SparseGPT, its input energies otherwise), and its
           residual readers give sampled weight rows; then every candidate permutes the residual
           site from them
         - with ``select``: each candidate's whole configuration (its permutation at every
           site) is scored by the KL from the dense model of
-          the model pruned in simulation (one forward pass over 4,096 sample tokens each); the
-          lowest is folded at every site
+          the model pruned in simulation as the pipeline would prune it (each layer from
+          statistics on the pruned upstream; SparseGPT with its own OBS update), over 4,096
+          sample tokens; the lowest is folded at every site
         - with ``objective: model``: from that result, permutations of ``end_to_end.sites``
           trained through the whole pruned model (``learned_permutation.plugin.end_to_end``):
           Sinkhorn-relaxed cost logits, the pruner's N:M mask in the hard order with a
