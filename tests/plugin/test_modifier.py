@@ -248,6 +248,27 @@ def test_mask_structure_mismatch_is_rejected(llama_dir):
         run_oneshot(llama_dir, recipe)
 
 
+def test_simulating_sparsegpts_update_needs_sparsegpt_after_it(llama_dir):
+    recipe = [LearnedPermutationModifier(mask_structure="2:4", simulate_sparsegpt_update=True),
+              WandaPruningModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])]
+    with pytest.raises(ValueError, match="not SparseGPTModifier"):
+        run_oneshot(llama_dir, recipe)
+
+
+def test_simulating_sparsegpts_update_changes_how_configurations_are_scored(llama_dir, tmp_path):
+    """With the field, each configuration is scored after SparseGPT's own update (a lower KL than its
+    mask alone leaves); the folded result is still an exact function-preserving 2:4 checkpoint."""
+    losses = {}
+    for simulate in (False, True):
+        out = tmp_path / str(simulate)
+        model = run_oneshot(llama_dir, [
+            LearnedPermutationModifier(mask_structure="2:4", simulate_sparsegpt_update=simulate),
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])], output_dir=out)
+        assert_exact_nm(model, 2, 4)
+        losses[simulate] = json.loads((out / REPORT_FILE).read_text())["configuration_calibration_losses"]
+    assert all(losses[True][label]["kl"] < losses[False][label]["kl"] for label in losses[False])
+
+
 def test_unquoted_yaml_mask_structure_is_explained():
     with pytest.raises(ValueError, match="quote it"):
         LearnedPermutationModifier(mask_structure=124)

@@ -2,8 +2,8 @@
 
 Solvers, the whole-model choice (``plugin/selection.py``) and the end-to-end learner all mask a
 Linear the way the pruner will: Wanda's ``|W| * ||x||``, or SparseGPT's OBS saliency
-``w^2 / [H^-1]_jj`` (``learned_permutation.math.scores``); the whole-model choice also runs SparseGPT's
-own weight update when SparseGPT follows.
+``w^2 / [H^-1]_jj`` (``learned_permutation.math.scores``); the whole-model choice can also run
+SparseGPT's own weight update (``simulate_sparsegpt_update``).
 """
 
 from __future__ import annotations

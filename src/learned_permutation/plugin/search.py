@@ -52,7 +52,7 @@ from learned_permutation.structure.offload import read_parameter
 
 __all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
 
-RESIDUAL_SCORING_TOKENS = 4096
+RESIDUAL_SCORING_TOKENS = 2048
 
 
 @dataclass(frozen=True)

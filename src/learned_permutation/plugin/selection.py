@@ -73,17 +73,23 @@ class SimulatedPruning:
     def __init__(self, modules: Iterable[nn.Linear], pruner: PrunerModel, device: torch.device | str | None = None):
         self.modules, self.pruner, self.device = list(modules), pruner, device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
-        self.statistics = InputStatistics(full=self.updates_weights)
-        self.updated: dict[nn.Module, torch.Tensor] = {}  # SparseGPT's weights of the current layer
-        self.observing = False
+        self._reset()
 
     @property
     def updates_weights(self) -> bool:
         return self.pruner.obs_block_size is not None
 
+    def _reset(self) -> None:
+        self.statistics = InputStatistics(full=self.updates_weights)  # per distinct input of the layer
+        self.reads_as: dict[nn.Module, nn.Module] = {}  # Linear -> the first Linear that read the same input
+        self.last_read: tuple[nn.Module, torch.Tensor] | None = None
+        self.updated: dict[nn.Module, torch.Tensor] = {}  # SparseGPT's weights of the current layer
+        self.observing = False
+
     def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
         """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
-        self.column_orders, self.statistics = column_orders, InputStatistics(full=self.updates_weights)
+        self.column_orders = column_orders
+        self._reset()
         try:
             with contextlib.ExitStack() as stack:
                 for module in self.modules:
@@ -91,26 +97,35 @@ class SimulatedPruning:
                 with HooksMixin.disable_hooks():  # no other modifier observes these passes
                     return prediction_losses(model, batch, dense, self.device, observe=self._observe)
         finally:
-            self.updated, self.statistics = {}, InputStatistics(full=self.updates_weights)
+            self._reset()
 
     @contextlib.contextmanager
     def _observe(self, _index: int) -> Iterator[None]:
-        """A layer's dense calibration pass: its Linears gather their inputs' statistics; with SparseGPT
-        they are then pruned as SparseGPT would (the previous layer's weights dropped first)."""
+        """A layer's dense calibration pass: its Linears gather their inputs' statistics (once per input
+        that several read, as q/k/v or gate/up do); with SparseGPT they are then pruned as SparseGPT
+        would (the previous layer's weights dropped first)."""
         self.updated, self.observing = {}, True
         try:
             yield
         finally:
-            self.observing = False
+            self.observing, self.last_read = False, None
         if self.updates_weights:
-            layer = list(self.statistics.sums)
-            self.updated = {module: self._sparsegpt_weight(module, self.statistics.sums.pop(module)) for module in layer}
+            groups: dict[nn.Module, list[nn.Module]] = {}
+            for module, first in self.reads_as.items():
+                groups.setdefault(first, []).append(module)
+            for first, readers in groups.items():
+                self.updated |= self._sparsegpt_weights(readers, self.statistics.sums.pop(first))
+            self.reads_as = {}
 
-    def _sparsegpt_weight(self, module: nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        """llm-compressor's SparseGPT result for ``module`` with its columns in the candidate's order,
-        back in the stored order."""
-        weight = read_parameter(module, "weight")  # outside the module's forward: onloaded explicitly
-        order = self.column_orders.get(module)
+    def _sparsegpt_weights(self, readers: list[nn.Linear], hessian: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """llm-compressor's SparseGPT result for Linears that read one input, their columns in the
+        candidate's order, back in the stored order. SparseGPT treats every weight row alone given the
+        Hessian, so the readers' rows are pruned in one call when they share a column order."""
+        orders = [self.column_orders.get(module) for module in readers]
+        if any(not _same_order(order, orders[0]) for order in orders[1:]):
+            return {module: self._sparsegpt_weights([module], hessian.clone())[module] for module in readers}
+        weights = [read_parameter(module, "weight") for module in readers]  # outside any forward: onloaded here
+        weight, order = torch.cat(weights), orders[0]
         if order is not None:
             order = order.to(weight.device)
             weight, hessian = weight[:, order], hessian[order][:, order]
@@ -119,18 +134,32 @@ class SimulatedPruning:
         pruner = self.pruner
         _, pruned = sparsify_weight(stand_in, {stand_in: hessian}, pruner.n / pruner.m, pruner.n, pruner.m,
                                     pruner.obs_block_size, pruner.obs_dampening, False)
-        return pruned if order is None else pruned[:, torch.argsort(order)]
+        if order is not None:
+            pruned = pruned[:, torch.argsort(order)]
+        return dict(zip(readers, pruned.split([w.shape[0] for w in weights])))
+
+    def _record_input(self, module: nn.Linear, inputs: torch.Tensor) -> None:
+        """Accumulate ``inputs`` once however many Linears read that very tensor (they follow each other)."""
+        if self.last_read is not None and self.last_read[1] is inputs:
+            first = self.reads_as[self.last_read[0]]
+        else:
+            first = module
+            self.statistics.accumulate(module, inputs)
+        if self.reads_as.setdefault(module, first) is not first:
+            raise RuntimeError("a Linear read the same input as another in one chunk and not in another")
+        self.last_read = (module, inputs)
 
     def _pruned_forward(self, module: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         weight = module.weight
         if self.observing:
-            self.statistics.accumulate(module, inputs)
+            self._record_input(module, inputs)
             return F.linear(inputs, weight, module.bias)
         if module in self.updated:
             return F.linear(inputs, self.updated[module].to(inputs.dtype), module.bias)
         pruner = self.pruner
+        energy = self.statistics.sums[self.reads_as.get(module, module)]
         with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
-            scores = pruning_score(pruner.score, weight, act_sq=self.statistics.sums[module].to(weight.device))
+            scores = pruning_score(pruner.score, weight, act_sq=energy.to(weight.device))
             order = self.column_orders.get(module)
             if order is None:
                 keep = nm_mask(scores, pruner.n, pruner.m)
@@ -138,6 +167,10 @@ class SimulatedPruning:
                 keep = mask_in_original_order(scores, order.to(weight.device), pruner.n, pruner.m)
             pruned = weight * keep
         return F.linear(inputs, pruned, module.bias)
+
+
+def _same_order(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
+    return (first is None and second is None) or (first is not None and second is not None and torch.equal(first, second))
 
 
 @contextlib.contextmanager
