@@ -86,8 +86,9 @@ class LearnedPermutationModifier(Modifier):
     - on_calibration_start (``learned_permutation.plugin.search``), before any pruner
       has seen an activation
         - one pass over ``sample_tokens`` calibration tokens, layer by layer in 1,024-token
-          chunks (as the sequential pipeline runs): as each decoder layer finishes, every candidate solver permutes its mlp and attn_vo sites from that layer
-          alone (from its Hessians with SparseGPT, its input energies otherwise), and its
+          chunks (as the sequential pipeline runs): as each decoder layer finishes, every
+          candidate solver permutes its mlp and attn_vo sites from that layer alone (from its
+          Hessians with SparseGPT, its input energies otherwise), and its
           residual readers give sampled weight rows; then every candidate permutes the residual
           site from them
         - with ``select``: each candidate's whole configuration (its permutation at every

@@ -4,25 +4,27 @@ Everything is decided at calibration start, before any pruner has seen an activa
 pruner accumulates ever needs re-indexing, in the independent and the sequential pipeline alike.
 
 1. Layer pass: the decoder over ``calibration_sample`` tokens, layer by layer in row chunks
-   (``selection.scored_final_hidden``: a layer's activations are one chunk's), with hooks that gather the input energy of every targeted Linear and, when the pruner's score reads it
-   (SparseGPT), the Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run,
-   each candidate solver permutes its sites from that layer alone (one prepared problem per site,
-   shared by the solvers and the layer-wise objectives), the Hessians are dropped, and the layer's
-   residual readers contribute sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's
-   Hessians, the sample's hidden states and one chunk's activations inside a layer.
+   (``selection.scored_final_hidden``: a layer's activations are one chunk's), with hooks that gather
+   the input energy of every targeted Linear and, when the pruner's score reads it (SparseGPT), the
+   Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run, each candidate
+   solver permutes its sites from that layer alone (one prepared problem per site, shared by the solvers
+   and the layer-wise objectives), the Hessians are dropped, and the layer's residual readers contribute
+   sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's Hessians, the sample's hidden
+   states and one chunk's activations inside a layer.
 2. Residual: each candidate solver permutes the residual stream from the sampled rows.
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
    ``RESIDUAL_SCORING_TOKENS``, each layer masked from statistics taken on the already pruned layers'
-   outputs, as llm-compressor's sequential pipeline calibrates the pruner. The lowest KL is folded. The layer-wise objective and the pruner's
-   per-Linear output error (even after SparseGPT's own update) both rank permutations close to chance
-   on held-out text, while this calibration KL ranks whole configurations as held-out KL does
-   (``results/ablations/``); and mixing sites from different solvers did worse than either solver's
-   own configuration on SmolLM2-135M (``docs/results.md``), so no mixed configuration is scored.
+   outputs, as llm-compressor's sequential pipeline calibrates the pruner. The lowest KL is folded. The
+   layer-wise objective and the pruner's per-Linear output error (even after SparseGPT's own update)
+   both rank permutations close to chance on held-out text, while this calibration KL ranks whole
+   configurations as held-out KL does (``results/ablations/``); and mixing sites from different solvers
+   did worse than either solver's own configuration on SmolLM2-135M (``docs/results.md``), so no mixed
+   configuration is scored.
 
-So the cost is one forward over the sample, two over half of it per configuration (a calibration and a
-pruned pass of each layer), and the solves, whatever the depth.
+So the cost is one forward over the sample, two over ``RESIDUAL_SCORING_TOKENS`` of it per configuration
+(a calibration and a pruned pass of each layer), and the solves, whatever the depth.
 
 4. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
    model on its calibration loss (``plugin/end_to_end.py``), folded on top when they beat it.
