@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import random_llama  # noqa: E402
+from scale import child_result, random_llama  # noqa: E402
 
 GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
@@ -100,12 +98,7 @@ def child(args) -> None:
 def run_child(args, chunk_tokens: str) -> dict:
     command = [sys.executable, __file__, "--child", "--model", str(args.model), "--chunk-tokens", chunk_tokens,
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-    environment = {**os.environ, **GLIBC_RETURNS_FREED_MEMORY, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result(command, GLIBC_RETURNS_FREED_MEMORY)
 
 
 def main(argv=None) -> int:

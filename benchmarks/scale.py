@@ -105,7 +105,13 @@ def run_child(args, pruner: str, with_modifier: bool) -> dict:
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     command += ["--with-modifier"] if with_modifier else []
     command += ["--data", str(args.data)] if args.data else []
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return child_result(command)
+
+
+def child_result(command: list[str], environment: dict | None = None) -> dict:
+    """Run a benchmark child (offline, plus ``environment``) and parse the JSON of its last ``RESULT`` line."""
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, **(environment or {}), "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
