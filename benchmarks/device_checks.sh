@@ -11,8 +11,10 @@
 #   kernels:   greedy, ria and the N:M mask on down_proj shapes (benchmarks/kernel_speed.py --device cuda);
 #   scale:     benchmarks/scale.py on the Llama-3.2-1B layer shape (4 layers, vocabulary 4096), both pruners;
 #   memory:    the modifier's own peak GPU memory on that shape, layers run in 1,024-token chunks and on the
-#              whole sample at once (benchmarks/layer_pass_memory.py).
-#     bash benchmarks/device_checks.sh                 # all four
+#              whole sample at once (benchmarks/layer_pass_memory.py);
+#   profile:   on that shape, the seconds of the modifier's main functions (layer_pass_memory.py --function-times);
+#   live:      on that shape, the tensors alive at the modifier's peak (layer_pass_memory.py --live-tensors; slow).
+#     bash benchmarks/device_checks.sh                 # all but profile and live
 #     bash benchmarks/device_checks.sh kernels scale   # some
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
@@ -29,7 +31,7 @@ if [[ " $parts " == *" step-time "* ]]; then
   done
 fi
 if [[ " $parts " == *" kernels "* ]]; then
-  timeout 120 python3 benchmarks/kernel_speed.py --device cuda 2>&1 | grep -E "^(device|\|)" | tee "$OUT/kernel_speed.md"
+  timeout 120 python3 benchmarks/kernel_speed.py --device cuda --lockstep-only 2>&1 | grep -E "^(device|\|)" | tee "$OUT/kernel_speed.md"
 fi
 if [[ " $parts " == *" scale "* ]]; then
   timeout ${SCALE_TIMEOUT:-330} python3 benchmarks/scale.py --shape 2048,8192,4,32,8 --threads 16 --output "$OUT/llama-1b-layer-shape-gpu" 2>&1 | tee "$OUT/scale.log" | grep -E "^\|" | tail -4
@@ -37,3 +39,9 @@ fi
 if [[ " $parts " == *" memory "* ]]; then
   timeout ${MEMORY_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --threads 16 --output "$OUT/layer_pass_memory.md" 2>&1 | grep -E "^\|" | tee "$OUT/layer_pass_memory.log"
 fi
+for part in "profile function-times" "live live-tensors"; do
+  set -- $part
+  if [[ " $parts " == *" $1 "* ]]; then
+    timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --chunk-tokens 1024 --$2 --threads 16 --output "$OUT/$2.md" 2>&1 | grep -E "^\|" | tee "$OUT/$2.log"
+  fi
+done

@@ -9,15 +9,21 @@ tokens at a time. Measured: the peak memory during ``PermutationSearch.run`` abo
 held when it started (on a GPU ``torch.cuda.max_memory_allocated``; on a CPU the kernel's resident
 high-water mark, reset through ``/proc/self/clear_refs``, with glibc returning every freed block over
 1 MiB at once so resident memory follows live tensors), next to the bound of issue 12: one decoder
-layer's fp32 weights plus the captured layer inputs (the sample's hidden states).
+layer's fp32 weights plus the captured layer inputs (the sample's hidden states). With ``--live-tensors``
+the run is also accounted tensor by tensor (``live_tensors.py``: exact on a CPU too, slower) and the
+largest allocations alive at that peak are printed with the line that made them; with
+``--function-times``, the seconds of the modifier's main functions (``MODIFIER_FUNCTIONS``).
 
     python benchmarks/layer_pass_memory.py                                   # Llama-3.2-1B layer shape, 4 layers
     python benchmarks/layer_pass_memory.py --shape 576,1536,4,9,3 --chunk-tokens all 1024 512
+    python benchmarks/layer_pass_memory.py --chunk-tokens 1024 --live-tensors   # what the peak is made of
+    python benchmarks/layer_pass_memory.py --chunk-tokens 1024 --function-times # where the seconds go
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -25,8 +31,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from function_times import FunctionTimes  # noqa: E402
+from live_tensors import LiveTensors  # noqa: E402
 from scale import child_result, random_llama  # noqa: E402
 
+SEARCH, SELECTION = "learned_permutation.plugin.search", "learned_permutation.plugin.selection"
+MODIFIER_FUNCTIONS = [
+    f"{SEARCH}:scored_final_hidden", f"{SEARCH}:PermutationSearch._finish_layer", f"{SEARCH}:PermutationSearch._problem",
+    "learned_permutation.math.solvers:SOLVERS[greedy]", "learned_permutation.math.solvers:SOLVERS[ria]",
+    f"{SEARCH}:PermutationSearch._objectives", f"{SEARCH}:PermutationSearch._solve_residual",
+    f"{SEARCH}:PermutationSearch._choose_configuration", f"{SEARCH}:PermutationSearch._fold",
+    f"{SELECTION}:SimulatedPruning._pruned_forward", f"{SELECTION}:head_losses", f"{SELECTION}:_layer_inputs",
+    "learned_permutation.plugin.residual_sample:ReaderRowSample.add", "learned_permutation.plugin.statistics:InputStatistics.hook",
+]
 GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 
 
@@ -70,7 +87,17 @@ def child(args) -> None:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
             before = resident_mib("VmRSS")
         start = time.perf_counter()
-        run(self, sample, device, *rest)
+        with contextlib.ExitStack() as stack:
+            if args.live_tensors:
+                live = stack.enter_context(LiveTensors())
+            if args.function_times:
+                times = stack.enter_context(FunctionTimes(MODIFIER_FUNCTIONS))
+            run(self, sample, device, *rest)
+        if args.live_tensors:
+            measured["live_peak_mib"] = live.peak / 2**20
+            measured["at_peak"] = live.at_peak()[:12]
+        if args.function_times:
+            measured["function_times"] = times.rows()
         measured["seconds"] = time.perf_counter() - start
         if gpu:
             measured["extra_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
@@ -98,6 +125,7 @@ def child(args) -> None:
 def run_child(args, chunk_tokens: str) -> dict:
     command = [sys.executable, __file__, "--child", "--model", str(args.model), "--chunk-tokens", chunk_tokens,
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    command += ["--live-tensors"] * args.live_tensors + ["--function-times"] * args.function_times
     return child_result(command, GLIBC_RETURNS_FREED_MEMORY)
 
 
@@ -109,6 +137,10 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--live-tensors", action="store_true",
+                        help="also account every tensor (exact peak, and what it is made of; slower)")
+    parser.add_argument("--function-times", action="store_true",
+                        help="also time the modifier's main functions (the device drained at each boundary)")
     parser.add_argument("--output", type=Path, help="append the table to this markdown file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -133,6 +165,16 @@ def main(argv=None) -> int:
         same = "yes" if result["permutations"] == first["permutations"] else "no"
         lines.append(f"| {chunk} | {result['seconds']:.1f} | {result['extra_peak_mib']:.0f} | "
                      f"{bound:.0f} ({result['layer_fp32_mib']:.0f} + {result['layer_inputs_mib']:.0f}) | {same} |")
+    for chunk, result in results.items():
+        if "at_peak" in result:
+            lines += ["", f"{chunk} tokens per layer call: tensors alive at the modifier's peak, "
+                      f"{result['live_peak_mib']:.0f} MiB in all (allocations of 1 MiB or more by the line that made them)", "",
+                      "| MiB | tensors | allocated at |", "|---|---|---|"]
+            lines += [f"| {mib:.0f} | {count} | `{site}` |" for site, mib, count in result["at_peak"]]
+        if "function_times" in result:
+            lines += ["", f"{chunk} tokens per layer call: inclusive seconds of the modifier's functions "
+                      "(nested rows overlap)", "", "| function | s | calls |", "|---|---|---|"]
+            lines += [f"| `{label}` | {seconds:.2f} | {calls} |" for label, seconds, calls in result["function_times"]]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

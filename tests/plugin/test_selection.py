@@ -4,10 +4,12 @@ are those of the model that folding the candidate and pruning would produce."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
-
+from compressed_tensors.offload import set_onload_device
+from compressed_tensors.offload.cache import CPUCache, OffloadCache
 from transformers import Qwen2Config
 
 from learned_permutation.plugin import selection
@@ -22,6 +24,7 @@ from learned_permutation.plugin.selection import (
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.structure import find_sites, fold_permutation
+from learned_permutation.structure.offload import stored_tensor
 from tiny_models import TINY_CONFIGS, TINY_SHAPE, build_tiny_model, random_model, save_tiny_model
 
 N, M = 2, 4
@@ -121,6 +124,22 @@ def test_each_layer_runs_on_one_chunk_at_a_time_and_finishes_before_the_next(mon
         layer.mlp.register_forward_hook(lambda _m, args, _o, index=index: events.append((index, args[0].shape[:-1].numel())))
     scored_final_hidden(model, batch, "cpu", after_layer=lambda index: events.append((index, "done")))
     assert events == [(0, 40)] * 3 + [(0, "done")] + [(1, 40)] * 3 + [(1, "done")]
+
+
+def test_an_offloaded_layer_is_onloaded_once_per_pass_and_released_after(monkeypatch):
+    """As llm-compressor's sequential pipeline keeps a subgraph onloaded for all its batches: onloading
+    per chunk would copy every layer's weights to the accelerator once per chunk."""
+    model = build_tiny_model("llama")
+    batch = padded_rows(model.config.vocab_size, rows=6, length=20)
+    monkeypatch.setattr(selection, "LAYER_CHUNK_TOKENS", 40)  # three chunks
+    set_onload_device(model, torch.device("cpu"))
+    onloads, onload = Counter(), CPUCache.onload
+    monkeypatch.setattr(CPUCache, "onload", lambda cache, value: onloads.update([id(value)]) or onload(cache, value))
+    held_after_layer = []
+    scored_final_hidden(model, batch, "cpu", after_layer=lambda _: held_after_layer.append(len(OffloadCache.keep_onloaded_values)))
+    weights = [id(stored_tensor(layer.mlp.down_proj, "weight")) for layer in model.model.layers]
+    assert [onloads[weight] for weight in weights] == [1, 1]
+    assert held_after_layer[0] > 0 and not OffloadCache.keep_onloaded_values
 
 
 def test_cross_entropy_is_the_models_own_loss():

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressed_tensors.offload import disable_offloading
 from compressed_tensors.utils import patch_attr
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -287,12 +288,13 @@ def scored_final_hidden(
         chunks = [_layer_inputs(decoder, layers, ids.to(device), mask)
                   for ids, mask in zip(batch["input_ids"].split(rows), masks)]
         for index, layer in enumerate(layers):
-            if observe is not None:
-                with observe(index):
-                    _run_layer(layer, index, chunks, keep=False)
-            _run_layer(layer, index, chunks, keep=True)
-            if after_layer is not None:
-                after_layer(index)
+            with disable_offloading():  # the layer's weights onloaded once for all its chunks, released after
+                if observe is not None:
+                    with observe(index):
+                        _run_layer(layer, index, chunks, keep=False)
+                _run_layer(layer, index, chunks, keep=True)
+                if after_layer is not None:
+                    after_layer(index)
         scored = []
         for chunk, mask in zip(chunks, masks):  # each chunk's states freed as its scored ones are kept
             scored.append(decoder.norm(chunk.hidden)[:, :-1][predicting_positions(mask)])
