@@ -26,12 +26,21 @@ def test_reader_sample_holds_about_one_layer_of_readers():
     residual = find_sites(model, 4, kinds=("residual",))[0]
     readers = [named.module for named in residual.consumer_modules if "lm_head" not in named.name]
     layers = model.config.num_hidden_layers
-    sample = ReaderRowSample(layers, seed=0)
+    total = sum(m.out_features for m in readers)
+    sample = ReaderRowSample(layers, total, seed=0)
     for module in readers:
         sample.add(module.weight, torch.ones(module.in_features))
-    per_layer = sum(m.out_features for m in readers) / layers
-    assert sample.sampled_rows <= per_layer + len(readers)  # at most one rounding row per reader
+    assert total / layers - len(readers) <= sample.sampled_rows <= total / layers + len(readers)  # rounding
     assert all(consumer.weight.shape[1] == model.config.hidden_size for consumer in sample.consumers)
+
+
+def test_reader_sample_rows_are_bounded_whatever_the_width():
+    """Llama-3.2-1B's readers (19,456 rows per layer): a layer's share of them would be 76 MiB in fp32."""
+    hidden, rows_per_layer, layers = 64, [2048, 512, 512, 8192, 8192], 2
+    sample = ReaderRowSample(layers, layers * sum(rows_per_layer), seed=0, max_rows=1024)
+    for rows in rows_per_layer * layers:
+        sample.add(torch.randn(rows, hidden), torch.ones(hidden))
+    assert 1024 - len(rows_per_layer) * layers <= sample.sampled_rows <= 1024 + len(rows_per_layer) * layers
 
 
 @pytest.fixture(scope="module")

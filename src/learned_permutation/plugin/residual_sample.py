@@ -3,9 +3,10 @@
 The residual permutation is read by every q/k/v/gate/up_proj of every layer, so its exact objective
 needs all of their weights: about 15 GB in fp32 for a 7B model. Instead each reader contributes a
 seeded random sample of its weight rows (with its input energy), at one rate for all readers chosen
-so that the whole sample holds as many rows as one decoder layer's readers. Rows enter the objective
-independently (the N:M mask is per row), so the sample's objective is an unbiased estimate of the
-full one (up to a constant factor), and memory stays one layer of readers whatever the depth.
+so that the whole sample holds as many rows as one decoder layer's readers, and at most
+``RESIDUAL_SAMPLE_ROWS``. Rows enter the objective independently (the N:M mask is per row), so the
+sample's objective is an unbiased estimate of the full one (up to a constant factor), and memory stays
+within one layer of readers whatever the depth, and a fixed number of rows whatever the width.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ import torch
 
 from learned_permutation.math.objectives import Consumer
 
-__all__ = ["ReaderRowSample"]
+__all__ = ["ReaderRowSample", "RESIDUAL_SAMPLE_ROWS"]
+
+# Four times the score rows the residual solvers draw their gains from (``rows=1024``), so their running
+# totals and the report's objective see more rows than the gains. The solve holds three copies (weight
+# rows, scores, ``greedy``'s channel-major scores): 96 MiB in fp32 at hidden size 2048. It binds from about
+# Llama-3.2-1B's width (19,456 reader rows per layer); SmolLM2-135M's layer has 4,032.
+RESIDUAL_SAMPLE_ROWS = 4096
 
 
 class ReaderRowSample:
     """Sampled weight rows of the residual readers, kept in fp32 on ``device`` (the execution device, where
-    the residual solvers then run): each reader keeps ``1 / num_layers`` of its rows (at least one), so
-    the sample is about one layer's readers."""
+    the residual solvers then run): each reader keeps the same share of its rows (at least one),
+    ``1 / num_layers`` or less, so that the sample is about one layer's readers and at most about
+    ``max_rows`` (``total_rows``: the rows of every reader together)."""
 
-    def __init__(self, num_layers: int, seed: int, device: torch.device | str = "cpu"):
-        self.rate = 1.0 / max(1, num_layers)
+    def __init__(self, num_layers: int, total_rows: int, seed: int, device: torch.device | str = "cpu",
+                 max_rows: int = RESIDUAL_SAMPLE_ROWS):
+        self.rate = min(1.0 / max(1, num_layers), max_rows / max(1, total_rows))
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
         self.consumers: list[Consumer] = []

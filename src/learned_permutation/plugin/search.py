@@ -112,12 +112,14 @@ class PermutationSearch:
 
     def _layer_pass(self, sample: dict, device) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
         """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
-        states at the sample's scored positions (nothing is folded before the whole pass has run)."""
+        states at the positions the configuration passes score (nothing is folded before the whole pass
+        has run)."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
-        readers = ReaderRowSample(len(layers), self.settings.seed, device)  # solved where the layers run
         residual_readers = [] if self.residual is None else self.targeted(self.residual)
+        total_rows = sum(module.out_features for module in residual_readers)
+        readers = ReaderRowSample(len(layers), total_rows, self.settings.seed, device)  # solved where the layers run
         observed = list(dict.fromkeys(self.pruned + residual_readers))
         handles = {self.hooks.register_hook(m, energy.hook, "forward") for m in observed}
         if hessians is not None:
@@ -128,9 +130,10 @@ class PermutationSearch:
         def finish(index: int) -> None:
             self._finish_layer(index, hessians, energy, readers, layer_readers[index])
 
+        _, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)  # the dense side of the configuration passes
         try:
             with HooksMixin.disable_hooks(keep=handles):
-                dense = scored_final_hidden(self.model, sample, device, after_layer=finish)
+                dense = scored_final_hidden(self.model, sample, device, after_layer=finish, leading_positions=scored)
         finally:
             self.hooks.remove_hooks(handles)
         missing = [s.name for s in self.layer_sites if s not in self.candidates and self.targeted(s)]
@@ -191,13 +194,13 @@ class PermutationSearch:
         if len(configurations) > 1:
             simulated = [m for m in self.pruned if m in energy.sums]
             simulation = SimulatedPruning(simulated, self.settings.pruner, device)
-            scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
+            scoring, _ = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 
             def score(configuration: dict) -> dict[str, float]:
                 orders = {named.module: site.consumer_column_index(perm)
                           for site, perm in configuration.items() for named in site.consumer_modules
                           if named.module in simulated}
-                return simulation.losses(self.model, scoring, dense[:scored], orders)
+                return simulation.losses(self.model, scoring, dense, orders)
 
             losses = {label: score(configuration) for label, configuration in configurations.items()}
             _check_finite(losses)

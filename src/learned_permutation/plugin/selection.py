@@ -262,14 +262,16 @@ def scored_final_hidden(
     device: torch.device | str | None = None,
     after_layer: Callable[[int], None] | None = None,
     observe: Callable[[int], contextlib.AbstractContextManager] | None = None,
+    leading_positions: int | None = None,
 ) -> torch.Tensor:
     """The decoder's last hidden states at the positions of ``batch`` that predict a next token (every
     non-padded position but each row's last; ``predicting_positions``), computed layer by layer over row
-    chunks.
+    chunks; only the first ``leading_positions`` of them when given.
 
     Each decoder layer runs on ``LAYER_CHUNK_TOKENS`` tokens at a time (whole rows) before the next
     layer starts, as llm-compressor's sequential pipeline does: activations inside a layer are one
-    chunk's, whatever the sample size; between layers only the sample's hidden states are kept.
+    chunk's, whatever the sample size; between layers only the sample's hidden states are kept. An
+    offloaded layer is onloaded once per pass, not once per chunk, and released before ``after_layer``.
     ``after_layer(index)`` is called once every chunk has passed layer ``index``; with ``observe``, each
     layer first runs on every chunk inside ``observe(index)`` with its outputs dropped (a calibration
     pass, as llm-compressor's sequential pipeline runs before compressing the layer).
@@ -293,11 +295,13 @@ def scored_final_hidden(
                     with observe(index):
                         _run_layer(layer, index, chunks, keep=False)
                 _run_layer(layer, index, chunks, keep=True)
-                if after_layer is not None:
-                    after_layer(index)
-        scored = []
+            if after_layer is not None:
+                after_layer(index)
+        scored, wanted = [], leading_positions
         for chunk, mask in zip(chunks, masks):  # each chunk's states freed as its scored ones are kept
-            scored.append(decoder.norm(chunk.hidden)[:, :-1][predicting_positions(mask)])
+            if wanted is None or wanted > 0:
+                scored.append(decoder.norm(chunk.hidden)[:, :-1][predicting_positions(mask)][:wanted])
+                wanted = None if wanted is None else wanted - len(scored[-1])
             chunk.hidden = None
         return torch.cat(scored)
 

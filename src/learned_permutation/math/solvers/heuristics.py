@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..objectives import SiteProblem, sampled_score_rows
 from .layout import channel_domains, group_windows
-from .retained import insertion_values, slot_statistics
+from .retained import chunk_elements, insertion_values, slot_statistics
 
 
 def solve_identity(problem: SiteProblem, block_size: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -31,14 +34,31 @@ def solve_ria(
     gets one channel of each importance quantile); then, slot by slot, the channels of one slot are
     re-assigned to groups by a linear assignment on the retained score. ``rows`` subsamples score
     rows for the assignment; ``lsa_groups`` bounds each assignment problem (windows of groups).
+    Windows are disjoint, so each slot is re-assigned in every window before the next slot, equal-sized
+    windows together as far as ``chunk_elements`` allows (one on a CPU, several on a GPU: fewer
+    launches and host round trips) and their assignments solved in parallel threads.
     """
     generator = torch.Generator().manual_seed(seed)
     perm = deal_by_importance(problem, block_size)
     scores = sampled_score_rows(problem, rows, generator)
-    for window in group_windows(channel_domains(problem.channels, block_size), problem.m, lsa_groups * problem.m):
-        for slot in range(problem.m):
-            perm[window] = _reassign_slot(scores, perm[window], problem.n, problem.m, slot)
+    windows = group_windows(channel_domains(problem.channels, block_size), problem.m, lsa_groups * problem.m)
+    together = max(1, chunk_elements(problem.device) // (scores.shape[0] * lsa_groups * problem.m * (problem.m - 1)))
+    batches = [torch.stack(batch).to(problem.device) for batch in _equal_sized_batches(windows, together)]
+    for slot in range(problem.m):
+        for batch in batches:
+            perm[batch] = _reassign_slot(scores, perm[batch], problem.n, problem.m, slot)
     return perm
+
+
+def _equal_sized_batches(windows: list[torch.Tensor], most: int) -> list[list[torch.Tensor]]:
+    """Consecutive windows of one size, at most ``most`` per batch."""
+    batches: list[list[torch.Tensor]] = []
+    for window in windows:
+        if batches and len(batches[-1]) < most and len(batches[-1][0]) == len(window):
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    return batches
 
 
 def deal_by_importance(problem: SiteProblem, block_size: int | None) -> torch.Tensor:
@@ -57,11 +77,25 @@ def deal_by_importance(problem: SiteProblem, block_size: int | None) -> torch.Te
     return perm.reshape(-1)
 
 
-def _reassign_slot(scores: torch.Tensor, window_perm: torch.Tensor, n: int, m: int, slot: int) -> torch.Tensor:
-    grouped = scores[:, window_perm].reshape(scores.shape[0], -1, m)
+def _reassign_slot(scores: torch.Tensor, window_perms: torch.Tensor, n: int, m: int, slot: int) -> torch.Tensor:
+    """``window_perms`` ``[windows, channels]`` with the channels in ``slot`` re-assigned to the groups
+    of their window by a linear assignment on the retained score."""
+    windows = window_perms.shape[0]
+    grouped = scores[:, window_perms].reshape(scores.shape[0], windows, -1, m).transpose(0, 1)  # [windows, rows, groups, M]
     slot_top, slot_threshold = slot_statistics(grouped, n)
-    values = insertion_values(slot_top[..., slot], slot_threshold[..., slot], grouped[..., slot])
-    _, source = linear_sum_assignment(values.cpu().double().numpy(), maximize=True)
-    arranged = window_perm.reshape(-1, m).clone()
-    arranged[:, slot] = arranged[torch.as_tensor(source, device=window_perm.device), slot]
-    return arranged.reshape(-1)
+    values = insertion_values(slot_top[..., slot], slot_threshold[..., slot], grouped[..., slot]).cpu().double().numpy()
+    sources = torch.as_tensor(np.stack(_assignments(values)), device=window_perms.device)
+    arranged = window_perms.reshape(windows, -1, m).clone()
+    arranged[..., slot] = arranged[..., slot].gather(1, sources)
+    return arranged.reshape(windows, -1)
+
+
+def _assignments(values: np.ndarray) -> list[np.ndarray]:
+    """For each ``[groups, groups]`` matrix, the column each row takes in the assignment of highest total."""
+    def solve(matrix: np.ndarray) -> np.ndarray:
+        return linear_sum_assignment(matrix, maximize=True)[1]
+
+    if len(values) == 1:
+        return [solve(values[0])]
+    with ThreadPoolExecutor(max_workers=len(values)) as pool:  # scipy's solver runs without the GIL
+        return list(pool.map(solve, values))
