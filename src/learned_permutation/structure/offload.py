@@ -43,10 +43,8 @@ def read_parameter(module: torch.nn.Module, name: str, device: torch.device | st
 
 
 def permute_parameter(module: torch.nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-    """Replace parameter `name` by its `index_select` along `dim`, through the offload cache, where it is
-    stored (CPU-offloaded weights are permuted in CPU memory, not sent to the accelerator and back)."""
-    stored = stored_tensor(module, name)
-    value = read_parameter(module, name, device=None if stored.is_meta else stored.device)
+    """Replace parameter `name` by its `index_select` along `dim`, through the offload cache."""
+    value = read_parameter(module, name)
     write_parameter(module, name, value.index_select(dim, index.to(value.device)))
 
 
