@@ -59,3 +59,28 @@ def test_greedy_and_ria_do_not_depend_on_the_broadcast_chunk_size(monkeypatch):
         found[elements] = [solve_site(problem, method, rows=96) for method in ("greedy", "ria")]
     for small, large in zip(*found.values()):
         assert torch.equal(small, large)
+
+
+def test_ria_reassigns_windows_together_as_it_would_one_at_a_time(monkeypatch):
+    """On a GPU ``ria`` re-assigns a slot in several windows at once; blocks give windows of two lengths
+    (96 and 32 channels), which are batched separately."""
+    from learned_permutation.math import solve_site
+    from learned_permutation.math.solvers import heuristics
+
+    problem = _problem(1, 96, 256)
+    found = {}
+    for elements in (1, 1 << 24):  # one window per batch vs every window of a length in one
+        monkeypatch.setattr(heuristics, "chunk_elements", lambda device, elements=elements: elements)
+        found[elements] = [solve_site(problem, "ria", block_size=block, rows=96, lsa_groups=24) for block in (None, 128)]
+    for alone, together in zip(*found.values()):
+        assert torch.equal(alone, together)
+    assert len(heuristics._equal_sized_batches(heuristics.group_windows([range(0, 128), range(128, 256)], 4, 96), 8)) == 4
+
+
+def test_one_slots_statistics_are_that_slots_column_of_all_slots():
+    from learned_permutation.math.solvers.retained import slot_statistics
+
+    grouped = torch.rand(3, 5, 8, 4, generator=torch.Generator().manual_seed(0))
+    every_top, every_threshold = slot_statistics(grouped, 2)
+    top, threshold = slot_statistics(grouped, 2, [2])
+    assert torch.equal(top[..., 0], every_top[..., 2]) and torch.equal(threshold[..., 0], every_threshold[..., 2])

@@ -194,8 +194,9 @@ def sampled_score_rows(problem: SiteProblem, max_rows: int | None, generator: to
     """Score rows of all consumers stacked (a seeded random subset of ``max_rows`` rows when there are more)."""
     sizes = [consumer.score.shape[0] for consumer in problem.consumers]
     total = sum(sizes)
-    if max_rows is None or total <= max_rows:
-        return torch.cat([consumer.score for consumer in problem.consumers])
+    if max_rows is None or total <= max_rows:  # read-only for the solvers: one consumer's scores are not copied
+        scores = [consumer.score for consumer in problem.consumers]
+        return scores[0] if len(scores) == 1 else torch.cat(scores)
     chosen = torch.randperm(total, generator=generator)[:max_rows].sort().values
     parts, start = [], 0
     for consumer, size in zip(problem.consumers, sizes):

@@ -42,7 +42,7 @@ def solve_ria(
     perm = deal_by_importance(problem, block_size)
     scores = sampled_score_rows(problem, rows, generator)
     windows = group_windows(channel_domains(problem.channels, block_size), problem.m, lsa_groups * problem.m)
-    together = max(1, chunk_elements(problem.device) // (scores.shape[0] * lsa_groups * problem.m * (problem.m - 1)))
+    together = max(1, chunk_elements(problem.device) // (scores.shape[0] * lsa_groups * (problem.m - 1)))  # one slot's others
     batches = [torch.stack(batch).to(problem.device) for batch in _equal_sized_batches(windows, together)]
     for slot in range(problem.m):
         for batch in batches:
@@ -82,8 +82,8 @@ def _reassign_slot(scores: torch.Tensor, window_perms: torch.Tensor, n: int, m: 
     of their window by a linear assignment on the retained score."""
     windows = window_perms.shape[0]
     grouped = scores[:, window_perms].reshape(scores.shape[0], windows, -1, m).transpose(0, 1)  # [windows, rows, groups, M]
-    slot_top, slot_threshold = slot_statistics(grouped, n)
-    values = insertion_values(slot_top[..., slot], slot_threshold[..., slot], grouped[..., slot]).cpu().double().numpy()
+    slot_top, slot_threshold = slot_statistics(grouped, n, [slot])
+    values = insertion_values(slot_top[..., 0], slot_threshold[..., 0], grouped[..., slot]).cpu().double().numpy()
     sources = torch.as_tensor(np.stack(_assignments(values)), device=window_perms.device)
     arranged = window_perms.reshape(windows, -1, m).clone()
     arranged[..., slot] = arranged[..., slot].gather(1, sources)

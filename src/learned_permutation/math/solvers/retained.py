@@ -18,11 +18,12 @@ def chunk_elements(device: torch.device | str) -> int:
     return CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
-def slot_statistics(grouped: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For scores ``[rows, groups, M]``: per slot, top-N sum ``T`` and N-th largest ``t`` of the other slots."""
+def slot_statistics(grouped: torch.Tensor, n: int, slots: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scores ``[rows, groups, M]``: per slot (of ``slots``, default all), top-N sum ``T`` and N-th largest
+    ``t`` of the other slots. One slot's costs ``1 / M`` of all slots' temporaries."""
     m = grouped.shape[-1]
     others_index = torch.tensor(
-        [[k for k in range(m) if k != slot] for slot in range(m)], device=grouped.device
+        [[k for k in range(m) if k != slot] for slot in (range(m) if slots is None else slots)], device=grouped.device
     )
     others = grouped[..., others_index].sort(dim=-1, descending=True).values  # [rows, groups, M, M-1]
     return others[..., :n].sum(dim=-1), others[..., n - 1]
