@@ -38,7 +38,7 @@ from learned_permutation.math import nm_mask, reconstruction_error, solve_permut
 from learned_permutation.math.objectives import Consumer, mask_in_original_order  # noqa: E402
 from learned_permutation.math import score as pruning_score  # noqa: E402
 from learned_permutation.plugin.residual_sample import ReaderRowSample  # noqa: E402
-from learned_permutation.plugin.selection import HEAD_CHUNK_TOKENS, calibration_sample  # noqa: E402
+from learned_permutation.plugin.selection import calibration_sample, head_chunk_tokens  # noqa: E402
 from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 from learned_permutation.tools.data import parquet_dataset, shared_data_dir  # noqa: E402
@@ -84,8 +84,8 @@ def calibration_losses(model, sample: dict, dense_hidden: torch.Tensor) -> tuple
     targets = sample["input_ids"][:, 1:][valid]
     head = model.get_output_embeddings().weight
     ce = kl = 0.0
-    for part, dense, target in zip(hidden[valid].split(HEAD_CHUNK_TOKENS), dense_hidden[:, :-1][valid].split(HEAD_CHUNK_TOKENS),
-                                   targets.split(HEAD_CHUNK_TOKENS)):
+    tokens = head_chunk_tokens(head.shape[0])
+    for part, dense, target in zip(hidden[valid].split(tokens), dense_hidden[:, :-1][valid].split(tokens), targets.split(tokens)):
         log_p = F.log_softmax(F.linear(part, head).float(), dim=-1)
         log_q = F.log_softmax(F.linear(dense, head).float(), dim=-1)
         ce += float(F.nll_loss(log_p, target, reduction="sum"))

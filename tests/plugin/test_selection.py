@@ -144,6 +144,22 @@ def test_an_offloaded_layer_is_onloaded_once_per_pass_and_released_after(monkeyp
     assert held_after_layer == [0, 0] and not OffloadCache.keep_onloaded_values
 
 
+def test_logits_are_computed_a_bounded_number_of_elements_at_a_time(monkeypatch):
+    """1,024 tokens of a 128k vocabulary would be 512 MiB per logits tensor: chunks are sized by the vocabulary."""
+    model = build_tiny_model("llama")
+    head, vocab = model.get_output_embeddings(), model.config.vocab_size
+    hidden, dense = torch.randn(10, model.config.hidden_size), torch.randn(10, model.config.hidden_size)
+    labels = torch.randint(0, vocab, (10,))
+    whole = selection.head_losses(head, hidden, labels, dense)
+    monkeypatch.setattr(selection, "HEAD_CHUNK_ELEMENTS", 3 * vocab)
+    rows, linear = [], selection.F.linear
+    monkeypatch.setattr(selection.F, "linear", lambda x, *args: rows.append(x.shape[0]) or linear(x, *args))
+    chunked = selection.head_losses(head, hidden, labels, dense)
+    assert max(rows) == 3 and sum(rows) == 20
+    for found, expected in zip(chunked, whole):
+        torch.testing.assert_close(found, expected)
+
+
 def test_cross_entropy_is_the_models_own_loss():
     model = build_tiny_model("llama")
     data = batches(model.config.vocab_size)

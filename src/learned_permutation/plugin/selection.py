@@ -53,7 +53,16 @@ __all__ = [
     "prediction_losses",
 ]
 
-HEAD_CHUNK_TOKENS = 1024  # logits are computed this many tokens at a time: 1024 x 128k vocabulary x 4 B = 512 MiB
+# Logits are computed for this many (token, vocabulary entry) pairs at a time: 8 MiB per fp32 tensor, and the
+# KL holds about five such (logits, log-probabilities of both sides, the divergence's temporaries); a fixed
+# token count would not do: 1,024 tokens x Llama-3's 128k vocabulary are 512 MiB per tensor.
+HEAD_CHUNK_ELEMENTS = 1 << 21
+
+
+def head_chunk_tokens(vocabulary: int) -> int:
+    """Tokens whose logits fit ``HEAD_CHUNK_ELEMENTS`` (at least one)."""
+    return max(1, HEAD_CHUNK_ELEMENTS // vocabulary)
+
 # Tokens per decoder-layer call in ``scored_final_hidden``: Llama-3.2-1B's MLP holds three 8,192-wide
 # activations per token, 96 MiB for 1,024 tokens in fp32 instead of 768 MiB for the 8,192-token sample.
 LAYER_CHUNK_TOKENS = 1024
@@ -241,11 +250,12 @@ def predicting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def head_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, dense: torch.Tensor | None = None):
     """Summed next-token cross-entropy of ``hidden`` (scored positions) and, given the dense model's
-    hidden states at the same positions, summed KL(dense || model), ``HEAD_CHUNK_TOKENS`` at a time so
+    hidden states at the same positions, summed KL(dense || model), ``head_chunk_tokens`` at a time so
     the logits never exceed one chunk. Differentiable in ``hidden``; the dense side is a constant."""
     ce = kl = hidden.new_zeros((), dtype=torch.float32)
-    dense_parts = dense.split(HEAD_CHUNK_TOKENS) if dense is not None else [None] * len(hidden.split(HEAD_CHUNK_TOKENS))
-    for part, label, dense_part in zip(hidden.split(HEAD_CHUNK_TOKENS), labels.split(HEAD_CHUNK_TOKENS), dense_parts):
+    tokens = head_chunk_tokens(head.weight.shape[0])
+    dense_parts = dense.split(tokens) if dense is not None else [None] * len(hidden.split(tokens))
+    for part, label, dense_part in zip(hidden.split(tokens), labels.split(tokens), dense_parts):
         log_probs = F.linear(part, head.weight, head.bias).float().log_softmax(dim=-1)
         ce = ce + F.nll_loss(log_probs, label, reduction="sum")
         if dense_part is not None:
