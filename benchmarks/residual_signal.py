@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +37,7 @@ from learned_permutation.math import nm_mask, reconstruction_error, solve_permut
 from learned_permutation.math.objectives import Consumer, mask_in_original_order  # noqa: E402
 from learned_permutation.math import score as pruning_score  # noqa: E402
 from learned_permutation.plugin.residual_sample import ReaderRowSample  # noqa: E402
-from learned_permutation.plugin.selection import calibration_sample, head_chunk_tokens  # noqa: E402
+from learned_permutation.plugin.selection import calibration_sample, head_losses  # noqa: E402
 from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 from learned_permutation.tools.data import parquet_dataset, shared_data_dir  # noqa: E402
@@ -82,16 +81,9 @@ def calibration_losses(model, sample: dict, dense_hidden: torch.Tensor) -> tuple
     hidden = model.model(**sample).last_hidden_state[:, :-1]
     valid = (sample["attention_mask"][:, 1:] * sample["attention_mask"][:, :-1]).bool()
     targets = sample["input_ids"][:, 1:][valid]
-    head = model.get_output_embeddings().weight
-    ce = kl = 0.0
-    tokens = head_chunk_tokens(head.shape[0])
-    for part, dense, target in zip(hidden[valid].split(tokens), dense_hidden[:, :-1][valid].split(tokens), targets.split(tokens)):
-        log_p = F.log_softmax(F.linear(part, head).float(), dim=-1)
-        log_q = F.log_softmax(F.linear(dense, head).float(), dim=-1)
-        ce += float(F.nll_loss(log_p, target, reduction="sum"))
-        kl += float(F.kl_div(log_p, log_q, log_target=True, reduction="sum"))
+    ce, kl = head_losses(model.get_output_embeddings(), hidden[valid], targets, dense_hidden[:, :-1][valid])
     count = int(valid.sum())
-    return ce / count, kl / count
+    return float(ce) / count, float(kl) / count
 
 
 @torch.no_grad()

@@ -100,20 +100,21 @@ class PermutationSearch:
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
-        energy, readers, dense = self._layer_pass(sample, device)
+        scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)  # what the configuration passes score
+        energy, readers, dense = self._layer_pass(sample, device, scored)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
             self._solve_residual(energy, readers)
-        self._choose_configuration(sample, device, energy, dense)
+        self._choose_configuration(scoring, device, energy, dense)
         if self.settings.end_to_end is not None:
             self._learn_end_to_end(end_to_end_sample, device, energy)
 
     # ------------------------------------------------------------------ layer pass
 
-    def _layer_pass(self, sample: dict, device) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
+    def _layer_pass(self, sample: dict, device, scored: int) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
         """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
-        states at the positions the configuration passes score (nothing is folded before the whole pass
-        has run)."""
+        states at the ``scored`` positions the configuration passes score (nothing is folded before the
+        whole pass has run)."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
@@ -130,7 +131,6 @@ class PermutationSearch:
         def finish(index: int) -> None:
             self._finish_layer(index, hessians, energy, readers, layer_readers[index])
 
-        _, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)  # the dense side of the configuration passes
         try:
             with HooksMixin.disable_hooks(keep=handles):
                 dense = scored_final_hidden(self.model, sample, device, after_layer=finish, leading_positions=scored)
@@ -182,7 +182,7 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ whole-model choice
 
-    def _choose_configuration(self, sample, device, energy: InputStatistics, dense) -> None:
+    def _choose_configuration(self, scoring: dict, device, energy: InputStatistics, dense) -> None:
         """Fold the configuration (each candidate solver's permutation at every site) whose simulated
         pruning diverges least from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``.
         One pass (each layer calibrated, then pruned) per distinct configuration, whatever the depth."""
@@ -194,7 +194,6 @@ class PermutationSearch:
         if len(configurations) > 1:
             simulated = [m for m in self.pruned if m in energy.sums]
             simulation = SimulatedPruning(simulated, self.settings.pruner, device)
-            scoring, _ = leading_rows(sample, RESIDUAL_SCORING_TOKENS)
 
             def score(configuration: dict) -> dict[str, float]:
                 orders = {named.module: site.consumer_column_index(perm)
