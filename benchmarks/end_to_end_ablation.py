@@ -3,8 +3,9 @@
 For each model and calibration seed, 2:4 with the pruner (``--pruner``), every row a real ``oneshot`` run
 evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in ``benchmarks/run.py``):
 
-* the pruner alone; the default (``method: select``); the default with a `ria+greedy` candidate (greedy
-  started from ria's order);
+* the pruner alone; the default (``method: select``); the single-solver methods ``ria`` and ``greedy``
+  (with several seeds: the calibration-set noise the default is compared within); the default with a
+  `ria+greedy` candidate (greedy started from ria's order);
 * ``objective: model`` from the default's result, residual only (the default ``end_to_end``);
 * the same from the unpermuted model (``candidates: [identity]``): the learning alone;
 * ``objective: model`` on every site (residual, mlp, attn_vo);
@@ -15,6 +16,8 @@ evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in 
     python benchmarks/end_to_end_ablation.py                                  # stories260K, seeds 0 1 2
     python benchmarks/end_to_end_ablation.py --model llama-2m-gutenberg --seeds 0
     python benchmarks/end_to_end_ablation.py --model smollm2-135m --seeds 0 --steps 20 --train-tokens 2048 --threads 2
+    python benchmarks/end_to_end_ablation.py --model smollm2-135m --pruner sparsegpt --seeds 1 2 --threads 2 \
+        --only "pruner alone" default ria greedy      # the calibration-set noise on the real model
 
 SmolLM2-135M is calibrated as in ``benchmarks/real_model.py`` (32 x 512 C4 tokens) and measured on held-out C4
 and WikiText-2 (16 windows of 512 tokens each).
@@ -50,6 +53,8 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
     return [
         ("pruner alone", Variant(pruner, "none")),
         ("default (select)", Variant(pruner, "select")),
+        ("ria", Variant(pruner, "ria")),
+        ("greedy", Variant(pruner, "greedy")),
         ("select + ria+greedy candidate",
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
         model_objective("select + end-to-end residual"),
