@@ -4,7 +4,8 @@ For each model and calibration seed, 2:4 with the pruner (``--pruner``), every r
 evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in ``benchmarks/run.py``):
 
 * the pruner alone; the default (``method: select``); the single-solver methods ``ria`` and ``greedy``
-  (with several seeds: the calibration-set noise the default is compared within); the default with a
+  (with several seeds: the calibration-set noise the default is compared within); with SparseGPT, the
+  default scoring its configurations after SparseGPT's own update (``simulate_sparsegpt_update``); the default with a
   `ria+greedy` candidate (greedy started from ria's order);
 * ``objective: model`` from the default's result, residual only (the default ``end_to_end``);
 * the same from the unpermuted model (``candidates: [identity]``): the learning alone;
@@ -55,6 +56,8 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         ("default (select)", Variant(pruner, "select")),
         ("ria", Variant(pruner, "ria")),
         ("greedy", Variant(pruner, "greedy")),
+        *([("select + SparseGPT update simulated",
+            Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),)))] if pruner == "sparsegpt" else []),
         ("select + ria+greedy candidate",
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
         model_objective("select + end-to-end residual"),
