@@ -1,4 +1,4 @@
-"""Time `fold_permutation` over every site of a Llama-2-7B-shaped model and extrapolate to 32 layers.
+"""Time `fold_permutation` (one site at a time) over every site of a Llama-2-7B-shaped model and extrapolate to 32 layers.
 
 A full 32-layer model (13.5 GB in bf16) does not fit beside other work in the shared RAM, so the
 model is built with fewer layers (default 2 and 4) and the total time is fitted as

@@ -40,7 +40,7 @@ MODIFIER_FUNCTIONS = [
     f"{SEARCH}:scored_final_hidden", f"{SEARCH}:PermutationSearch._finish_layer", f"{SEARCH}:PermutationSearch._problem",
     "learned_permutation.math.solvers:SOLVERS[greedy]", "learned_permutation.math.solvers:SOLVERS[ria]",
     f"{SEARCH}:PermutationSearch._objectives", f"{SEARCH}:PermutationSearch._solve_residual",
-    f"{SEARCH}:PermutationSearch._choose_configuration", f"{SEARCH}:PermutationSearch._fold",
+    f"{SEARCH}:PermutationSearch._choose_configuration", f"{SEARCH}:fold_permutations",
     f"{SELECTION}:SimulatedPruning._pruned_forward", f"{SELECTION}:head_losses", f"{SELECTION}:_layer_inputs",
     "learned_permutation.plugin.residual_sample:ReaderRowSample.add", "learned_permutation.plugin.statistics:InputStatistics.hook",
 ]

@@ -17,7 +17,8 @@ from structure_models import (
 )
 
 import learned_permutation
-from learned_permutation.structure import find_sites, fold_permutation
+from learned_permutation.structure import find_sites, fold_permutation, fold_permutations
+from learned_permutation.structure import folding
 
 STORIES260K_DIR = Path(learned_permutation.__file__).parent / "assets" / "stories260k"
 
@@ -129,6 +130,40 @@ def test_folding_p_then_q_equals_folding_their_composition(variant):
         fold_permutation(once, site_once, first[second])
     for name, param in once.named_parameters():
         assert torch.equal(param, twice.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("variant", sorted(STRUCTURE_VARIANTS))
+def test_folding_all_sites_at_once_writes_each_parameter_once_as_one_by_one_would(variant, monkeypatch):
+    """On an offloaded model every write is a copy to the offload storage (and every read one to the
+    device): ``down_proj`` belongs to the residual and to the MLP site, so it must still cross once."""
+    one_by_one, at_once = build_model(variant), build_model(variant)
+    perms = fold_random_permutations(one_by_one)
+    writes = []
+
+    def counted(module, name, value):
+        writes.append((id(module), name))
+        write_parameter(module, name, value)
+
+    write_parameter = folding.write_parameter
+    monkeypatch.setattr(folding, "write_parameter", counted)
+    fold_permutations(at_once, {site: perms[site.name] for site in find_sites(at_once, 4)})
+
+    assert len(writes) == len(set(writes)), "a parameter was written more than once"
+    assert {(id(m), "weight") for m in (at_once.model.layers[0].mlp.down_proj, at_once.model.layers[0].self_attn.o_proj)} <= set(writes)
+    for name, param in one_by_one.named_parameters():
+        assert torch.equal(param, at_once.get_parameter(name)), name
+
+
+def test_folding_several_sites_checks_every_permutation_before_writing_any():
+    model = build_model("llama_gqa_tied")
+    before = copy.deepcopy(model.state_dict())
+    sites = find_sites(model, 4)
+    generator = torch.Generator().manual_seed(0)
+    perms = {site: random_site_permutation(site, generator) for site in sites}
+    perms[sites[-1]] = torch.zeros(sites[-1].size, dtype=torch.long)
+    with pytest.raises(ValueError, match="not a permutation"):
+        fold_permutations(model, perms)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(

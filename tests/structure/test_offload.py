@@ -10,7 +10,7 @@ from compressed_tensors.offload import disable_offloading, offload_module, set_o
 from compressed_tensors.offload.cache import OffloadCache
 from structure_models import assert_same_logits, build_model, logits_of, random_site_permutation, sample_tokens
 
-from learned_permutation.structure import find_sites, fold_permutation
+from learned_permutation.structure import find_sites, fold_permutation, fold_permutations
 
 
 def offload(model, offload_device: str, directory) -> None:
@@ -22,14 +22,20 @@ def offload(model, offload_device: str, directory) -> None:
         offload_module(module, torch.device("cpu"), "disk", offload_dir=str(directory))
 
 
-def fold_everything(model, seed=0):
+def fold_everything(model, seed=0, at_once=False):
+    """A random permutation at every site, folded site by site or all in one call (as the modifier does)."""
     generator = torch.Generator().manual_seed(seed)
-    for site in find_sites(model, 4):
-        fold_permutation(model, site, random_site_permutation(site, generator))
+    perms = {site: random_site_permutation(site, generator) for site in find_sites(model, 4)}
+    if at_once:
+        fold_permutations(model, perms)
+        return
+    for site, perm in perms.items():
+        fold_permutation(model, site, perm)
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["site_by_site", "all_sites_at_once"])
 @pytest.mark.parametrize("variant", ["llama_gqa_tied", "qwen3_qk_norm"])
-def test_cpu_offloaded_model_like_the_sequential_pipeline(variant):
+def test_cpu_offloaded_model_like_the_sequential_pipeline(variant, at_once):
     """`set_onload_device` as in SequentialPipeline, folding inside `disable_offloading` as at epoch end."""
     model = build_model(variant)
     reference, permuted_reference = copy.deepcopy(model), copy.deepcopy(model)
@@ -40,7 +46,7 @@ def test_cpu_offloaded_model_like_the_sequential_pipeline(variant):
     assert isinstance(model.model.layers[0].mlp.down_proj._parameters, OffloadCache)
     with disable_offloading():
         logits_of(model, tokens)  # onloaded copies are now held, as during calibration
-        fold_everything(model)
+        fold_everything(model, at_once=at_once)
     assert_same_logits(logits_of(reference, tokens), logits_of(model, tokens))
     for name, param in permuted_reference.named_parameters():
         assert torch.equal(model.get_parameter(name), param), name
@@ -58,7 +64,7 @@ def test_disk_offloaded_model_keeps_folded_weights(variant, tmp_path):
     tokens = sample_tokens(model.config.vocab_size)
 
     offload(model, "disk", tmp_path)
-    fold_everything(model)
+    fold_everything(model, at_once=True)
 
     assert_same_logits(logits_of(reference, tokens), logits_of(model, tokens))
     for name, param in permuted_reference.named_parameters():

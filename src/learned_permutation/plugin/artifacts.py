@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from learned_permutation.math import parse_mask_structure
-from learned_permutation.structure import find_sites, fold_permutation
+from learned_permutation.structure import find_sites, fold_permutations
 
 REPORT_FILE = "permutation_report.json"
 PERMUTATIONS_FILE = "permutations.safetensors"
@@ -82,6 +82,5 @@ def fold_saved_permutations(model: nn.Module, checkpoint_dir: str | Path) -> lis
     unknown = sorted(set(permutations) - set(sites))
     if unknown:
         raise ValueError(f"{permutations_path} names sites {unknown} that this model does not have")
-    for name, perm in permutations.items():
-        fold_permutation(model, sites[name], perm)
+    fold_permutations(model, {sites[name]: perm for name, perm in permutations.items()})
     return list(permutations)

@@ -49,7 +49,7 @@ from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
 from learned_permutation.plugin.selection import SimulatedPruning, leading_rows, scored_final_hidden
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
-from learned_permutation.structure import PermutationSite, fold_permutation
+from learned_permutation.structure import PermutationSite, fold_permutations
 from learned_permutation.structure.offload import read_parameter
 
 __all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
@@ -208,9 +208,11 @@ class PermutationSearch:
             self.phases["configuration passes"] = time.perf_counter() - start
         chosen = configurations[_lowest_kl(losses)] if losses else next(iter(configurations.values()))
         start = time.perf_counter()
-        for site in [s for s in [self.residual, *self.layer_sites] if s in self.candidates]:
-            self._fold(site, chosen[site], energy)
-        self.phases["folding"] = time.perf_counter() - start  # each weight read and written once: seconds on a GPU
+        decided = {site: chosen[site] for site in [self.residual, *self.layer_sites] if site in self.candidates}
+        fold_permutations(self.model, decided)  # each weight read and written once: seconds on a GPU
+        for site, perm in decided.items():
+            self._record(site, perm, energy)
+        self.phases["folding"] = time.perf_counter() - start
 
     # ------------------------------------------------------------------ end to end
 
@@ -222,8 +224,8 @@ class PermutationSearch:
         act_sq = {module: energy.sums[module] for module in self.pruned if module in energy.sums}
         learning = EndToEndLearning(self.model, sites, self.pruned, act_sq, self.settings.pruner, args, device)
         learned, self.end_to_end_report = learning.run(train, held_out)
+        fold_permutations(self.model, {site: learned[site.name] for site in sites})
         for site in sites:
-            fold_permutation(self.model, site, learned[site.name])
             for named in site.consumer_modules:
                 energy.permute_inputs(named.module, site.consumer_column_index(learned[site.name]))
             self.permutations[site.name] = self.permutations[site.name][learned[site.name]]
@@ -257,9 +259,9 @@ class PermutationSearch:
         return _per_distinct({"identity": torch.arange(site.size), **solved},
                              lambda perms: [problem.reconstruction_error(perm.to(problem.device)) for perm in perms])
 
-    def _fold(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics) -> None:
+    def _record(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics) -> None:
+        """Re-index the consumers' input energies to the folded ``perm`` and report the site."""
         found = self.candidates[site]
-        fold_permutation(self.model, site, perm)
         columns = site.consumer_column_index(perm)
         for named in site.consumer_modules:
             energy.permute_inputs(named.module, columns)

@@ -1,6 +1,6 @@
 """Model structure: architecture registry, permutation sites and exact folding."""
 
-from learned_permutation.structure.folding import fold_permutation, validate_permutation
+from learned_permutation.structure.folding import fold_permutation, fold_permutations, validate_permutation
 from learned_permutation.structure.registry import (
     SUPPORTED_ARCHITECTURES,
     ArchitectureMapping,
@@ -30,6 +30,7 @@ __all__ = [
     "check_foldable_config",
     "find_sites",
     "fold_permutation",
+    "fold_permutations",
     "mapping_for",
     "mapping_for_config",
     "validate_permutation",

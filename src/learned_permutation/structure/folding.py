@@ -7,12 +7,12 @@ them arrives permuted and is read in the same permuted order, so outputs are unc
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator, Mapping
 
 import torch
 
 from learned_permutation.math.permutations import check_permutation
-from learned_permutation.structure.offload import permute_parameter, storage_key, stored_tensor
+from learned_permutation.structure.offload import read_parameter, storage_key, stored_tensor, write_parameter
 from learned_permutation.structure.sites import PermutationSite
 
 
@@ -28,35 +28,52 @@ def validate_permutation(site: PermutationSite, perm: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def fold_permutation(model: torch.nn.Module, site: PermutationSite, perm: torch.Tensor) -> None:
-    """Permute `site`'s channels by `perm` in place, keeping `model`'s outputs unchanged.
+    """Permute `site`'s channels by `perm` in place, keeping `model`'s outputs unchanged."""
+    fold_permutations(model, {site: perm})
 
-    Works on offloaded models: every write goes through `update_offload_parameter`. A
-    parameter shared by several modules (tied embeddings) is permuted once.
+
+@torch.no_grad()
+def fold_permutations(model: torch.nn.Module, perms: Mapping[PermutationSite, torch.Tensor]) -> None:
+    """Fold every site's permutation, as folding them one after another would, each parameter read and
+    written once: a weight touched by two sites (``down_proj``: the residual's rows, the MLP's columns)
+    crosses to the execution device and back once on an offloaded model, not once per site.
+
+    Every permutation is checked before anything is written. Works on offloaded models: every write goes
+    through `update_offload_parameter`. A parameter shared by several modules (tied embeddings) is
+    permuted once per site.
     """
-    _check_site_belongs_to(model, site)
-    perm = validate_permutation(site, perm)
-    consumer_index = site.consumer_column_index(perm)
-    permuted: set[Hashable] = set()
+    moves: dict[Hashable, tuple[torch.nn.Module, str, list[tuple[int, torch.Tensor]]]] = {}
+    for site, perm in perms.items():
+        _check_site_belongs_to(model, site)
+        in_site: set[Hashable] = set()
+        for module, name, dim, index in _site_moves(site, validate_permutation(site, perm)):
+            if stored_tensor(module, name) is None:
+                continue
+            key = storage_key(module, name)
+            if key not in in_site:
+                in_site.add(key)
+                moves.setdefault(key, (module, name, []))[2].append((dim, index))
+    for module, name, steps in moves.values():
+        value = read_parameter(module, name)
+        for dim, index in steps:
+            value = value.index_select(dim, index.to(value.device))
+        write_parameter(module, name, value)
 
-    def permute(module: torch.nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-        if stored_tensor(module, name) is None:
-            return
-        key = storage_key(module, name)
-        if key not in permuted:
-            permute_parameter(module, name, dim, index)
-            permuted.add(key)
 
+def _site_moves(site: PermutationSite, perm: torch.Tensor) -> Iterator[tuple[torch.nn.Module, str, int, torch.Tensor]]:
+    """(module, parameter, dimension, index) of every permutation the site's folding applies."""
     for named in site.producers:
         if isinstance(named.module, torch.nn.Embedding):
-            permute(named.module, "weight", 1, perm)
+            yield named.module, "weight", 1, perm
         else:
-            permute(named.module, "weight", 0, perm)
-            permute(named.module, "bias", 0, perm)
+            yield named.module, "weight", 0, perm
+            yield named.module, "bias", 0, perm
     for named in site.norms:
-        permute(named.module, "weight", 0, perm)
-        permute(named.module, "bias", 0, perm)
+        yield named.module, "weight", 0, perm
+        yield named.module, "bias", 0, perm
+    consumer_index = site.consumer_column_index(perm)
     for named in site.consumer_modules:
-        permute(named.module, "weight", 1, consumer_index)
+        yield named.module, "weight", 1, consumer_index
 
 
 def _check_site_belongs_to(model: torch.nn.Module, site: PermutationSite) -> None:

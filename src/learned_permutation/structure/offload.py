@@ -42,12 +42,6 @@ def read_parameter(module: torch.nn.Module, name: str, device: torch.device | st
     return value if device is None else value.to(device)
 
 
-def permute_parameter(module: torch.nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-    """Replace parameter `name` by its `index_select` along `dim`, through the offload cache."""
-    value = read_parameter(module, name)
-    write_parameter(module, name, value.index_select(dim, index.to(value.device)))
-
-
 def write_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     """Store `value` as parameter `name`, through the offload cache. Every rank calls it with the same
     value; storage shared across ranks is written by the source rank only, after every rank has read
