@@ -84,3 +84,35 @@ def test_one_slots_statistics_are_that_slots_column_of_all_slots():
     every_top, every_threshold = slot_statistics(grouped, 2)
     top, threshold = slot_statistics(grouped, 2, [2])
     assert torch.equal(top[..., 0], every_top[..., 2]) and torch.equal(threshold[..., 0], every_threshold[..., 2])
+
+
+def test_on_a_cpu_windows_share_the_callers_threads_and_decide_as_on_one(monkeypatch):
+    """With two caller threads, two windows are improved at the same time (each waits for the other at a
+    barrier: run one after the other, the first would wait in vain), and ``greedy`` and ``ria`` find the
+    permutations they find on one thread."""
+    import threading
+
+    from learned_permutation.math import solve_site
+    from learned_permutation.math.solvers import greedy
+
+    problem = _problem(3, 64, 512)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [solve_site(problem, "greedy", window=128), solve_site(problem, "ria", lsa_groups=32)]
+        barrier, improve, arrivals = threading.Barrier(2, timeout=10), greedy._improve_windows, []
+
+        def meeting(*args):
+            if len(arrivals) < 2:  # the first two windows wait for each other
+                arrivals.append(threading.get_ident())
+                barrier.wait()
+            return improve(*args)
+
+        monkeypatch.setattr(greedy, "_improve_windows", meeting)
+        torch.set_num_threads(2)
+        two = [solve_site(problem, "greedy", window=128), solve_site(problem, "ria", lsa_groups=32)]
+    finally:
+        torch.set_num_threads(previous)
+    assert len(set(arrivals)) == 2
+    for alone, shared in zip(one, two):
+        assert torch.equal(alone, shared)

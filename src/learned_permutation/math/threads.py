@@ -7,12 +7,15 @@ measured on 2 shared cores, a chunked ``relu``-sum kernel ran 10x to 1000x slowe
 on 1. So ``solver_threads`` runs a solver on one thread and ``dense_threads`` gives the caller's
 thread count back to the few large products (``dW @ H`` over all output rows), where threads pay off.
 Both only change ``torch.set_num_threads`` and restore it on exit; they are no-ops for a caller
-already on one thread.
+already on one thread. The caller's other cores are used at a coarser grain instead: independent
+pieces of a solve (disjoint windows of channels) run side by side in Python threads, each on one
+intra-op thread, with no barrier between them (``independent_map``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -51,3 +54,21 @@ def dense_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def independent_map(function: Callable, items: Iterable, device: torch.device | str) -> list:
+    """``[function(item) for item in items]``, for items whose work touches disjoint data: inside
+    ``solver_threads`` on a CPU, on as many Python threads as the caller had intra-op threads (torch ops
+    release the GIL), each running its ops on one thread; elsewhere in order (an accelerator batches
+    the items itself)."""
+    items = list(items)
+    workers = min(len(items), _caller_threads or 1)
+    if workers <= 1 or torch.device(device).type != "cpu":
+        return [function(item) for item in items]
+
+    def one_thread(item):
+        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this worker too
+        return function(item)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one_thread, items))

@@ -6,7 +6,8 @@ sample; each chosen swap is then re-checked on all rows, so the retained score n
 The re-check reads channel-major scores and a cached top-N sum per group, so it touches only the
 two groups of each swap. Windows are disjoint, so several can advance in lockstep (one swap round
 for all of them) with the same result: on an accelerator that turns the sum of their rounds into
-the most any one needs (``lockstep_windows``).
+the most any one needs (``lockstep_windows``); on a CPU the windows are shared among the caller's
+threads instead (``threads.independent_map``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..objectives import SiteProblem, sampled_score_rows
+from ..threads import independent_map
 from .layout import channel_domains, group_windows
 from .retained import chunk_elements, group_retained, insertion_values, slot_statistics
 
@@ -47,9 +49,10 @@ def solve_greedy(
     domains = channel_domains(problem.channels, block_size)
     together = lockstep or lockstep_windows(problem.device)
     for _ in range(sweeps):
-        changed = False
-        for batch in _batches(group_windows(domains, problem.m, window, generator), together):
-            changed |= _improve_windows(problem, scores, retained, perm, batch.to(problem.device), max_iters)
+        batches = _batches(group_windows(domains, problem.m, window, generator), together)
+        changed = any(independent_map(  # disjoint windows: the same swaps in any order, on any thread
+            lambda batch: _improve_windows(problem, scores, retained, perm, batch.to(problem.device), max_iters),
+            batches, problem.device))
         if not changed or all(len(domain) <= window for domain in domains):
             break  # converged, or every domain fits one window so another sweep sees the same swaps
     return perm

@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..objectives import SiteProblem, sampled_score_rows
+from ..threads import independent_map
 from .layout import channel_domains, group_windows
 from .retained import chunk_elements, insertion_values, slot_statistics
 
@@ -36,7 +37,8 @@ def solve_ria(
     rows for the assignment; ``lsa_groups`` bounds each assignment problem (windows of groups).
     Windows are disjoint, so each slot is re-assigned in every window before the next slot, equal-sized
     windows together as far as ``chunk_elements`` allows (one on a CPU, several on a GPU: fewer
-    launches and host round trips) and their assignments solved in parallel threads.
+    launches and host round trips) and their assignments solved in parallel threads; on a CPU the
+    windows are shared among the caller's threads (``threads.independent_map``).
     """
     generator = torch.Generator().manual_seed(seed)
     perm = deal_by_importance(problem, block_size)
@@ -45,8 +47,10 @@ def solve_ria(
     together = max(1, chunk_elements(problem.device) // (scores.shape[0] * lsa_groups * (problem.m - 1)))  # one slot's others
     batches = [torch.stack(batch).to(problem.device) for batch in _equal_sized_batches(windows, together)]
     for slot in range(problem.m):
-        for batch in batches:
+        def reassign(batch: torch.Tensor, slot: int = slot) -> None:
             perm[batch] = _reassign_slot(scores, perm[batch], problem.n, problem.m, slot)
+
+        independent_map(reassign, batches, problem.device)  # disjoint windows: any order, any thread
     return perm
 
 
