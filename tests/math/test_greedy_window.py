@@ -110,7 +110,9 @@ def test_on_a_cpu_windows_share_the_callers_threads_and_decide_as_on_one(monkeyp
 
         monkeypatch.setattr(greedy, "_improve_windows", meeting)
         torch.set_num_threads(2)
-        two = [solve_site(problem, "greedy", window=128), solve_site(problem, "ria", lsa_groups=32)]
+        with torch.inference_mode():  # thread-local: the workers write the caller's inference tensors
+            problem = _problem(3, 64, 512)
+            two = [solve_site(problem, "greedy", window=128), solve_site(problem, "ria", lsa_groups=32)]
     finally:
         torch.set_num_threads(previous)
     assert len(set(arrivals)) == 2

@@ -66,9 +66,12 @@ def independent_map(function: Callable, items: Iterable, device: torch.device | 
     if workers <= 1 or torch.device(device).type != "cpu":
         return [function(item) for item in items]
 
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
     def one_thread(item):
         torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this worker too
-        return function(item)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # both are thread-local too
+            return function(item)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one_thread, items))
