@@ -117,10 +117,11 @@ def mask_in_original_order(scores: torch.Tensor, perm: torch.Tensor, n: int, m: 
 
 
 def quadratic_form(delta: torch.Tensor, hessian: torch.Tensor | None, act_sq: torch.Tensor | None) -> torch.Tensor:
-    """``tr(delta H delta^T)``, with ``H = diag(act_sq)`` when no full Hessian is known."""
+    """``tr(delta H delta^T)``, with ``H = diag(act_sq)`` when no full Hessian is known (then one
+    temporary of ``delta``'s size, not two: the weighting is a matrix-vector product)."""
     if hessian is not None:
         return ((delta @ hessian) * delta).sum()
-    return (delta.square() * act_sq).sum()
+    return (delta.square() @ act_sq).sum()
 
 
 class SiteProblem:
