@@ -169,14 +169,16 @@ class SimulatedPruning:
         pruner = self.pruner
         energy = self.statistics.sums[self.reads_as.get(module, module)]
         with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
-            scores = pruning_score(pruner.score, weight, act_sq=energy.to(weight.device))
-            order = self.column_orders.get(module)
-            if order is None:
-                keep = nm_mask(scores, pruner.n, pruner.m)
-            else:
-                keep = mask_in_original_order(scores, order.to(weight.device), pruner.n, pruner.m)
-            pruned = weight * keep
+            pruned = weight * self._kept(weight, energy, self.column_orders.get(module))
         return F.linear(inputs, pruned, module.bias)
+
+    def _kept(self, weight: torch.Tensor, energy: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        """The pruner's N:M mask of ``weight`` in ``order`` (its scores freed before the pruned copy is made)."""
+        pruner = self.pruner
+        scores = pruning_score(pruner.score, weight, act_sq=energy.to(weight.device))
+        if order is None:
+            return nm_mask(scores, pruner.n, pruner.m)
+        return mask_in_original_order(scores, order.to(weight.device), pruner.n, pruner.m)
 
 
 def _same_order(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
