@@ -63,9 +63,12 @@ def head_chunk_tokens(vocabulary: int) -> int:
     """Tokens whose logits fit ``HEAD_CHUNK_ELEMENTS`` (at least one)."""
     return max(1, HEAD_CHUNK_ELEMENTS // vocabulary)
 
-# Tokens per decoder-layer call in ``scored_final_hidden``: Llama-3.2-1B's MLP holds three 8,192-wide
-# activations per token, 96 MiB for 1,024 tokens in fp32 instead of 768 MiB for the 8,192-token sample.
-LAYER_CHUNK_TOKENS = 1024
+# Tokens per decoder-layer call in ``scored_final_hidden`` (whole rows, at least one): a layer's MLP holds
+# three to four intermediate-wide activations per token, about ``tokens / hidden`` of its own fp32 weights.
+# 1,024-token chunks put a quarter of Llama-3.2-1B's layer (hidden 1024) over the bound of one layer's
+# weights plus the sample's hidden states (results/scale/layer_pass_memory.md); 512 tokens is also one row
+# of the usual calibration set, the batch llm-compressor's own pipeline runs each layer on.
+LAYER_CHUNK_TOKENS = 512
 
 
 class SimulatedPruning:
