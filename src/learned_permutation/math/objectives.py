@@ -67,7 +67,8 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 
 @dataclass
 class PreparedConsumer:
-    """A consumer in fp32 with its pruning score computed once (scores are permutation-equivariant)."""
+    """A consumer in fp32 with its pruning score computed once (scores are permutation-equivariant), stored
+    channel-major (``_channel_major``)."""
 
     weight: torch.Tensor
     score: torch.Tensor
@@ -170,7 +171,14 @@ def _prepare(consumer: Consumer, score_kind: str) -> PreparedConsumer:
     hessian = None if consumer.hessian is None else consumer.hessian.detach().float()
     act_sq = None if consumer.act_sq is None else consumer.act_sq.detach().float()
     scores = pruning_score(score_kind, weight, act_sq=act_sq, hessian=hessian)
-    return PreparedConsumer(weight=weight, score=scores, hessian=hessian, act_sq=act_sq)
+    return PreparedConsumer(weight=weight, score=_channel_major(scores), hessian=hessian, act_sq=act_sq)
+
+
+def _channel_major(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` stored channel by channel (a ``[rows, channels]`` view of a ``[channels, rows]`` tensor):
+    solvers gather channels (columns), and ``greedy``'s group sums read each channel's rows as one run, so
+    this one copy serves them all (``greedy`` kept a transposed copy of its own before)."""
+    return scores.T.contiguous().T
 
 
 def retained_score(

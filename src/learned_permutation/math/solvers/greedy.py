@@ -211,7 +211,7 @@ class GroupRetained:
 
     def __init__(self, problem: SiteProblem, perm: torch.Tensor) -> None:
         self.n, self.m = problem.n, problem.m
-        self.columns = [consumer.score.T.contiguous() for consumer in problem.consumers]  # [channels, rows]
+        self.columns = [consumer.score.T for consumer in problem.consumers]  # [channels, rows], stored so: no copy
         self.values = self.of_groups(perm.reshape(-1, self.m))
 
     def of_groups(self, members: torch.Tensor) -> torch.Tensor:
