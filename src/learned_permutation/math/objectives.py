@@ -2,7 +2,7 @@
 
 Everything is evaluated in the site's original channel order: the pruner's mask is taken in the
 permuted order and scattered back, so ``tr(dW_p H_p dW_p^T) == tr(dW H dW^T)`` needs no permuted
-Hessian copy. Rows are processed in chunks so a 4096 x 11008 layer stays within a few hundred MiB.
+Hessian copy. Rows are processed in chunks of ``CHUNK_ELEMENTS``, so a temporary is a few MiB whatever the layer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from .permutations import check_permutation
 from .scores import score as pruning_score
 from .threads import dense_threads
 
-CHUNK_ELEMENTS = 1 << 22  # rows per chunk = CHUNK_ELEMENTS // channels (16 MiB of fp32 per buffer)
+# Rows per chunk = CHUNK_ELEMENTS // channels: 4 MiB of fp32 per buffer. 16 MiB buffers were the modifier's
+# peak on a quarter of Llama-3.2-1B's layer (the report's objectives, results/scale/layer_pass_memory.md).
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
