@@ -37,11 +37,11 @@ if [[ " $parts " == *" scale "* ]]; then
   timeout ${SCALE_TIMEOUT:-330} python3 benchmarks/scale.py --shape 2048,8192,4,32,8 --threads 16 --output "$OUT/llama-1b-layer-shape-gpu" 2>&1 | tee "$OUT/scale.log" | grep -E "^\|" | tail -4
 fi
 if [[ " $parts " == *" memory "* ]]; then
-  timeout ${MEMORY_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --threads 16 --chunk-tokens ${MEMORY_CHUNKS:-all 1024} --output "$OUT/layer_pass_memory.md" 2>&1 | grep -E "^\|" | tee "$OUT/layer_pass_memory.log"
+  timeout ${MEMORY_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --threads 16 --chunk-tokens ${MEMORY_CHUNKS:-all 512} --output "$OUT/layer_pass_memory.md" 2>&1 | grep -E "^\|" | tee "$OUT/layer_pass_memory.log"
 fi
 for part in "profile function-times" "live live-tensors"; do
   set -- $part
   if [[ " $parts " == *" $1 "* ]]; then
-    timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --chunk-tokens 1024 --$2 --threads 16 --output "$OUT/$2.md" 2>&1 | grep -E "^\|" | tee "$OUT/$2.log"
+    timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/layer_pass_memory.py --chunk-tokens 512 --$2 --threads 16 --output "$OUT/$2.md" 2>&1 | grep -E "^\|" | tee "$OUT/$2.log"
   fi
 done

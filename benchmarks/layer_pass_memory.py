@@ -16,8 +16,8 @@ largest allocations alive at that peak are printed with the line that made them;
 
     python benchmarks/layer_pass_memory.py                                   # Llama-3.2-1B layer shape, 4 layers
     python benchmarks/layer_pass_memory.py --shape 576,1536,4,9,3 --chunk-tokens all 1024 512
-    python benchmarks/layer_pass_memory.py --chunk-tokens 1024 --live-tensors   # what the peak is made of
-    python benchmarks/layer_pass_memory.py --chunk-tokens 1024 --function-times # where the seconds go
+    python benchmarks/layer_pass_memory.py --chunk-tokens 512 --live-tensors    # what the peak is made of
+    python benchmarks/layer_pass_memory.py --chunk-tokens 512 --function-times  # where the seconds go
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_child(args, chunk_tokens: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2048,8192,4,32,8", help="random Llama: hidden,intermediate,layers,heads,kv_heads")
-    parser.add_argument("--chunk-tokens", nargs="+", default=["all", "1024"],
+    parser.add_argument("--chunk-tokens", nargs="+", default=["all", "512"],
                         help="tokens per decoder-layer call, 'all' for the whole sample at once")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
