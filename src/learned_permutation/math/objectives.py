@@ -179,7 +179,7 @@ def _prepare(consumer: Consumer, score_kind: str) -> PreparedConsumer:
 def _channel_major(scores: torch.Tensor) -> torch.Tensor:
     """``scores`` stored channel by channel (a ``[rows, channels]`` view of a ``[channels, rows]`` tensor):
     solvers gather channels (columns), and ``greedy``'s group sums read each channel's rows as one run, so
-    this one copy serves them all (``greedy`` kept a transposed copy of its own before)."""
+    this one copy serves them all (``greedy`` needs no transposed copy of its own)."""
     return scores.T.contiguous().T
 
 
