@@ -4,7 +4,8 @@ For each model and calibration seed, 2:4 with the pruner (``--pruner``), every r
 evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in ``benchmarks/run.py``):
 
 * the pruner alone; the default (``method: select``); the single-solver methods ``ria`` and ``greedy``
-  (with several seeds: the calibration-set noise the default is compared within); with SparseGPT, the
+  (with several seeds: the calibration-set noise the default is compared within); the default with
+  ``greedy``'s three sweeps (its candidates are then the ``ria`` and ``greedy`` methods' configurations); with SparseGPT, the
   default scoring its configurations after SparseGPT's own update (``simulate_sparsegpt_update``); the default with a
   `ria+greedy` candidate (greedy started from ria's order);
 * ``objective: model`` from the default's result, residual only (the default ``end_to_end``);
@@ -58,6 +59,8 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         ("greedy", Variant(pruner, "greedy")),
         *([("select + SparseGPT update simulated",
             Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),)))] if pruner == "sparsegpt" else []),
+        ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
+         Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         ("select + ria+greedy candidate",
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
         model_objective("select + end-to-end residual"),
@@ -91,13 +94,16 @@ def main(argv=None) -> int:
                 continue
             result = comparison.run(variant)
             report_file = comparison.checkpoint_dir(variant) / REPORT_FILE
-            report = json.loads(report_file.read_text()).get("end_to_end", {}) if report_file.is_file() else {}
+            full_report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+            report = full_report.get("end_to_end", {})
             rows.append({"model": name, "seed": seed, "label": label, "variant": variant.name,
                          "held_out_ppl": result.ppl["held-out"], "wikitext2_ppl": result.ppl.get("wikitext2"),
                          "held_out_kl": result.kl_to_dense,
                          "modifier_seconds": result.permutation_seconds,
                          "end_to_end_seconds": report.get("seconds"), "chosen": report.get("chosen"),
-                         "calibration_held_out_losses": report.get("held_out_losses")})
+                         "calibration_held_out_losses": report.get("held_out_losses"),
+                         "configuration_calibration_losses": full_report.get("configuration_calibration_losses"),
+                         "chosen_configuration": full_report.get("chosen_configuration")})
             print(json.dumps(rows[-1]), flush=True)
         dense = comparison.run(Variant())
         rows.append({"model": name, "seed": seed, "label": "dense", "variant": "dense",
