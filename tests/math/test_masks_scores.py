@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from learned_permutation.math import Consumer, nm_mask, parse_mask_structure, score
+from learned_permutation.math.masks import pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("structure, expected", [("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 4 ", (1, 4))])
@@ -94,3 +95,12 @@ def test_nm_mask_breaks_ties_deterministically_by_position():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0]])
     assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False]]
     assert torch.equal(nm_mask(scores.repeat(64, 1), 2, 4), nm_mask(scores, 2, 4).repeat(64, 1))
+
+
+@pytest.mark.parametrize("cols", [8, 12, 13])
+def test_packed_bits_are_an_eighth_of_the_mask_and_unpack_to_it(cols):
+    bits = torch.rand(5, cols, generator=torch.Generator().manual_seed(cols)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (cols + 7) // 8)
+    assert torch.equal(unpack_bits(packed, cols), bits)
+    assert int(pack_bits(torch.eye(8, dtype=torch.bool))[3]) == 1 << 3  # bit j of a byte is column 8k + j

@@ -337,3 +337,25 @@ def test_sequential_simulation_is_llm_compressors_own_pruning(pruner, tmp_path):
     real = prediction_losses(pruned, batch, dense)["kl"]
     assert simulated["kl"] == pytest.approx(real, rel=1e-4)
     assert abs(other_kl - real) > 100 * abs(simulated["kl"] - real)
+
+
+def test_each_linears_mask_is_computed_once_per_pass_whatever_the_chunks(monkeypatch):
+    """A layer's row chunks reuse its Linears' masks (the statistics are final after its calibration
+    pass): one mask per simulated Linear per pass, and the losses of one chunk of the whole sample."""
+    model = build_tiny_model("llama")
+    batch = {key: torch.cat([b[key] for b in batches(model.config.vocab_size)]) for key in ("input_ids", "attention_mask")}
+    linears = targeted_linears(model)
+    dense = dense_positions(model, batch)
+    whole = SimulatedPruning(linears, WANDA).losses(model, batch, dense, {})
+    computed = Counter()
+    original = SimulatedPruning._kept
+
+    def counting(self, weight, energy, order):
+        computed[next(m for m in linears if m.weight is weight)] += 1
+        return original(self, weight, energy, order)
+
+    monkeypatch.setattr(SimulatedPruning, "_kept", counting)
+    monkeypatch.setattr(selection, "LAYER_CHUNK_TOKENS", 20)  # one row per chunk: six chunks
+    chunked = SimulatedPruning(linears, WANDA).losses(model, batch, dense, {})
+    assert computed == Counter(linears)
+    assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-5)

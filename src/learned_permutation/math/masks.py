@@ -60,3 +60,21 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
                     rank += (other >= entry) if j < i else (other > entry)
             kept.append(rank < n)
         return torch.stack(kept, dim=-1).reshape(scores.shape)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``[R, C]`` bool -> ``[R, ceil(C / 8)]`` uint8, bit ``j`` of byte ``k`` being column ``8k + j`` (numpy's
+    ``bitorder='little'``, compressed-tensors' bitmask layout): a mask in 1/32 of its fp32 weight's memory."""
+    rows, cols = bits.shape
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, (-cols) % 8)).view(rows, -1, 8)
+    return (padded << _bit_shifts(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """``pack_bits``' inverse: the ``[R, cols]`` bool mask."""
+    bits = (packed.unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)

@@ -10,8 +10,9 @@ pass per configuration; the dense side comes from the modifier's own statistics 
 forward. Pruning reads the statistics llm-compressor's sequential pipeline gives the pruner (each
 layer's from the already pruned layers' outputs), so each layer runs twice per configuration: densely
 to gather them, then pruned. Each simulated Linear's ``forward`` is replaced for the pass (not hooked
-after it, which would compute every product twice); Wanda's masks are computed per call from the
-weight and the input energy (memory: one Linear's mask), SparseGPT's weights once per layer (memory:
+after it, which would compute every product twice); Wanda's masks are computed once per layer from
+the weight and the input energy and kept bit-packed for the layer's other row chunks (memory: one
+Linear's scores, and 1/32 of the layer's fp32 weights), SparseGPT's weights once per layer (memory:
 one layer's Hessians and weights), and each module is onloaded only for its own forward (offload-safe).
 """
 
@@ -35,6 +36,7 @@ from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.math import nm_mask
+from learned_permutation.math.masks import pack_bits, unpack_bits
 from learned_permutation.math import score as pruning_score
 from learned_permutation.math.objectives import mask_in_original_order
 from learned_permutation.math.threads import solver_threads
@@ -97,6 +99,7 @@ class SimulatedPruning:
         self.reads_as: dict[nn.Module, nn.Module] = {}  # Linear -> the first Linear that read the same input
         self.last_read: tuple[nn.Module, torch.Tensor] | None = None
         self.updated: dict[nn.Module, torch.Tensor] = {}  # SparseGPT's weights of the current layer
+        self.masks: dict[nn.Module, torch.Tensor] = {}  # the pruner's masks of the current layer, bit-packed
         self.observing = False
 
     def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
@@ -117,7 +120,7 @@ class SimulatedPruning:
         """A layer's dense calibration pass: its Linears gather their inputs' statistics (once per input
         that several read, as q/k/v or gate/up do); with SparseGPT they are then pruned as SparseGPT
         would (the previous layer's weights dropped first)."""
-        self.updated, self.observing = {}, True
+        self.updated, self.masks, self.observing = {}, {}, True
         try:
             yield
         finally:
@@ -169,11 +172,21 @@ class SimulatedPruning:
             return F.linear(inputs, weight, module.bias)
         if module in self.updated:
             return F.linear(inputs, self.updated[module].to(inputs.dtype), module.bias)
-        pruner = self.pruner
-        energy = self.statistics.sums[self.reads_as.get(module, module)]
         with solver_threads():  # element-wise work on one weight: one thread (``math/threads.py``)
-            pruned = weight * self._kept(weight, energy, self.column_orders.get(module))
+            pruned = weight * self._layer_mask(module, weight)
         return F.linear(inputs, pruned, module.bias)
+
+    def _layer_mask(self, module: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
+        """``module``'s mask, computed on the layer's first chunk and kept bit-packed for its other chunks
+        (the statistics are final once the layer's calibration pass has run): the mask costs about three
+        of the chunk's products, its packed copy 1/32 of the weight's memory."""
+        packed = self.masks.get(module)
+        if packed is not None:
+            return unpack_bits(packed, weight.shape[1])
+        energy = self.statistics.sums[self.reads_as.get(module, module)]
+        kept = self._kept(weight, energy, self.column_orders.get(module))
+        self.masks[module] = pack_bits(kept)
+        return kept
 
     def _kept(self, weight: torch.Tensor, energy: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """The pruner's N:M mask of ``weight`` in ``order`` (its scores freed before the pruned copy is made)."""

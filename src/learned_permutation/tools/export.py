@@ -36,6 +36,7 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from learned_permutation.math.masks import pack_bits, unpack_bits
 from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE
 from learned_permutation.tools.output import staged_output
 from learned_permutation_cli import EXPORT_FORMATS
@@ -70,21 +71,7 @@ class ExportError(ValueError):
     """The checkpoint cannot be exported in the requested format; the message says why and how to fix it."""
 
 
-# --------------------------------------------------------------------------- bitmask codec
-
-
-def _pack_bits_little(bits: torch.Tensor) -> torch.Tensor:
-    """[R, C] bool -> [R, ceil(C/8)] uint8; bit j of byte k is column 8k+j (numpy's bitorder='little')."""
-    rows, cols = bits.shape
-    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, (-cols) % 8)).view(rows, -1, 8)
-    weights = 2 ** torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return (padded * weights).sum(-1, dtype=torch.uint8)
-
-
-def _unpack_bits_little(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+# --------------------------------------------------------------------------- 2:4 bitmask layout
 
 
 def _magnitude_rank(weight: torch.Tensor) -> torch.Tensor:
@@ -127,7 +114,7 @@ def encode_24_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     rows, cols = weight.shape
     return {
         "compressed": weight[kept].reshape(rows, cols // 2).contiguous(),
-        "bitmask": _pack_bits_little(kept),
+        "bitmask": pack_bits(kept),
         "shape": torch.tensor([[rows], [cols]], dtype=torch.int64),
     }
 
@@ -135,7 +122,7 @@ def encode_24_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 def decode_24_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_24_bitmask` (also reads checkpoints written by compressed-tensors)."""
     rows, cols = (int(v) for v in shape.flatten())
-    kept = _unpack_bits_little(bitmask, cols)
+    kept = unpack_bits(bitmask, cols)
     dense = torch.zeros(rows, cols, dtype=compressed.dtype, device=compressed.device)
     dense[kept] = compressed.flatten()
     return dense
