@@ -195,8 +195,9 @@ class Comparison:
     def checkpoint_dir(self, variant: Variant) -> Path:
         return self.model_dir if variant.pruner is None else self.output_dir / slug(variant.name)
 
-    def run(self, variant: Variant, wikitext_file: Path | None = None) -> Result:
-        """Compress (unless dense), evaluate the saved checkpoint, and lm-eval it if a file is given."""
+    def run(self, variant: Variant, wikitext_file: Path | None = None, evaluate: bool = True) -> Result:
+        """Compress (unless dense), evaluate the saved checkpoint (unless ``evaluate`` is off), and lm-eval
+        it if a file is given."""
         result = Result(variant.name, variant.pruner, variant.method, variant.pattern)
         if variant.pruner is not None:
             result.skipped = undividable_linear(self.dense, variant.pattern)
@@ -204,6 +205,8 @@ class Comparison:
                 logger.warning(f"{variant.name}: skipped: {result.skipped}")
                 return result
             self._compress(variant, result)
+        if not evaluate:
+            return result
         model = load_model(self.checkpoint_dir(variant))
         self._evaluate(variant, model, result)
         if wikitext_file is not None:

@@ -20,6 +20,8 @@ evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in 
     python benchmarks/end_to_end_ablation.py --model smollm2-135m --seeds 0 --steps 20 --train-tokens 2048 --threads 2
     python benchmarks/end_to_end_ablation.py --model smollm2-135m --pruner sparsegpt --seeds 1 2 --threads 2 \
         --only "pruner alone" default ria greedy      # the calibration-set noise on the real model
+    python benchmarks/end_to_end_ablation.py --model smollm2-135m --seeds 1 2 --only "select + greedy" \
+        --selection-only                              # which configuration select picks, without evaluating
 
 SmolLM2-135M is calibrated as in ``benchmarks/real_model.py`` (32 x 512 C4 tokens) and measured on held-out C4
 and WikiText-2 (16 windows of 512 tokens each).
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "end_to_end")
     parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "outputs" / "end_to_end")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--selection-only", action="store_true",
+                        help="only each row's oneshot: print which configuration select chose and the calibration "
+                             "losses it chose by (no evaluation, no tables)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started, revision = time.perf_counter(), source_revision()
@@ -92,22 +97,26 @@ def main(argv=None) -> int:
         for label, variant in variants(args.pruner, args.steps, args.random_factor, args.train_tokens):
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
                 continue
-            result = comparison.run(variant)
+            result = comparison.run(variant, evaluate=not args.selection_only)
             report_file = comparison.checkpoint_dir(variant) / REPORT_FILE
             full_report = json.loads(report_file.read_text()) if report_file.is_file() else {}
             report = full_report.get("end_to_end", {})
             rows.append({"model": name, "seed": seed, "label": label, "variant": variant.name,
-                         "held_out_ppl": result.ppl["held-out"], "wikitext2_ppl": result.ppl.get("wikitext2"),
-                         "held_out_kl": result.kl_to_dense,
+                         "held_out_ppl": result.ppl.get("held-out"), "wikitext2_ppl": result.ppl.get("wikitext2"),
+                         "held_out_kl": result.kl_to_dense if result.ppl else None,
                          "modifier_seconds": result.permutation_seconds,
                          "end_to_end_seconds": report.get("seconds"), "chosen": report.get("chosen"),
                          "calibration_held_out_losses": report.get("held_out_losses"),
                          "configuration_calibration_losses": full_report.get("configuration_calibration_losses"),
                          "chosen_configuration": full_report.get("chosen_configuration")})
             print(json.dumps(rows[-1]), flush=True)
+        if args.selection_only:
+            continue
         dense = comparison.run(Variant())
         rows.append({"model": name, "seed": seed, "label": "dense", "variant": "dense",
                      "held_out_ppl": dense.ppl["held-out"], "wikitext2_ppl": dense.ppl.get("wikitext2"), "held_out_kl": 0.0})
+    if args.selection_only:
+        return 0  # the rows above are the result: no held-out numbers to tabulate
     write(rows, args, revision, time.perf_counter() - started, name)
     return 0
 
