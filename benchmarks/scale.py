@@ -6,9 +6,12 @@ followed by the same pruner. Each run is its own child process, so its peak resi
 (``ru_maxrss``) is its own. Printed and written per run: oneshot wall time (model loading excluded),
 the modifier's own seconds and per-phase seconds from ``permutation_report.json``, peak memory,
 and for the pair: extra time, ratio to the pruner alone, extra peak memory next to one decoder
-layer's fp32 weights plus the captured sample's activations.
+layer's fp32 weights plus the captured sample's activations. ``--modifier-fields`` runs the modifier
+with other fields too (one more run per pruner each, against the same pruner-alone run).
 
     python benchmarks/scale.py --model ~/.cache/learned-permutation/smollm2-135m
+    python benchmarks/scale.py --model ~/.cache/learned-permutation/smollm2-135m --pruners wanda \
+        --modifier-fields '{}' '{"solver_args": {"greedy": {"sweeps": 3}}}'   # the default and a variant
     python benchmarks/scale.py --shape 2048,8192,4,32,8 --num-samples 16 --seq-len 256   # Llama-3.2-1B layer shape
 """
 
@@ -79,7 +82,8 @@ def child(args) -> None:
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     pruner_class = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[args.pruner]
     pruner = pruner_class(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
-    recipe = ([LearnedPermutationModifier(mask_structure="2:4")] if args.with_modifier else []) + [pruner]
+    modifier = LearnedPermutationModifier(mask_structure="2:4", **json.loads(args.fields or "{}"))
+    recipe = ([modifier] if args.with_modifier else []) + [pruner]
     with tempfile.TemporaryDirectory() as output:
         start = time.perf_counter()
         oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=dataset,
@@ -100,10 +104,11 @@ def child(args) -> None:
     }))
 
 
-def run_child(args, pruner: str, with_modifier: bool) -> dict:
+def run_child(args, pruner: str, with_modifier: bool, fields: str = "{}") -> dict:
+    """One oneshot child: the pruner alone, or after the modifier with ``fields`` (JSON) on top of its defaults."""
     command = [sys.executable, __file__, "--child", "--model", str(args.model), "--pruner", pruner,
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-    command += ["--with-modifier"] if with_modifier else []
+    command += ["--with-modifier", "--fields", fields] if with_modifier else []
     command += ["--data", str(args.data)] if args.data else []
     return child_result(command)
 
@@ -129,9 +134,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, help="append the table to OUTPUT.md and the rows to OUTPUT.jsonl")
+    parser.add_argument("--modifier-fields", nargs="+", default=["{}"],
+                        help="one modifier run per JSON object of LearnedPermutationModifier fields ('{}': the default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pruner", help=argparse.SUPPRESS)
     parser.add_argument("--with-modifier", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fields", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -142,9 +150,12 @@ def main(argv=None) -> int:
         name = args.shape and f"random Llama {args.shape}" or args.model.name
         rows = []
         for pruner in args.pruners:
-            alone, permuted = run_child(args, pruner, False), run_child(args, pruner, True)
-            rows.append({"model": name, "pruner": pruner, "alone": alone, "with_modifier": permuted})
-            print(table_row(rows[-1]), flush=True)
+            alone = run_child(args, pruner, False)
+            for fields in args.modifier_fields:
+                permuted = run_child(args, pruner, True, fields)
+                rows.append({"model": name, "pruner": pruner, "modifier_fields": json.loads(fields),
+                             "alone": alone, "with_modifier": permuted})
+                print(table_row(rows[-1]), flush=True)
     device = rows[0]["alone"]["device"] if rows else "cpu"
     header = (f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.node()}, {os.cpu_count()} CPUs, {device}, "
               f"{args.num_samples} x {args.seq_len} calibration tokens, {args.threads} threads; "
@@ -174,7 +185,9 @@ def table_row(row: dict) -> str:
     report = permuted["report"]
     phases = ", ".join(f"{k} {v:.1f}" for k, v in report["phase_seconds"].items())
     bound = permuted["layer_fp32_mib"] + permuted["sample_activation_mib"]
-    return (f"| {row['model']} | {row['pruner']} | {alone['seconds']:.1f} | {permuted['seconds']:.1f} | {extra:.1f} | "
+    fields = row.get("modifier_fields")
+    pruner = row["pruner"] + (f" (modifier {json.dumps(fields)})" if fields else "")
+    return (f"| {row['model']} | {pruner} | {alone['seconds']:.1f} | {permuted['seconds']:.1f} | {extra:.1f} | "
             f"{extra / alone['seconds']:.2f}x | {report['total_seconds']:.1f} | {phases} | "
             f"{alone['peak_rss_mib']:.0f} / {permuted['peak_rss_mib']:.0f} | "
             f"{permuted['peak_rss_mib'] - alone['peak_rss_mib']:.0f} | {bound:.0f} |{gpu_memory(alone, permuted)}")
