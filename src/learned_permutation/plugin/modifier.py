@@ -85,7 +85,7 @@ class LearnedPermutationModifier(Modifier):
         - discover the permutation sites (residual, per-layer mlp and attn_vo)
     - on_calibration_start (``learned_permutation.plugin.search``), before any pruner
       has seen an activation
-        - one pass over ``sample_tokens`` calibration tokens, layer by layer in 1,024-token
+        - one pass over ``sample_tokens`` calibration tokens, layer by layer in 512-token
           chunks (as the sequential pipeline runs): as each decoder layer finishes, every
           candidate solver permutes its mlp and attn_vo sites from that layer alone (from its
           Hessians with SparseGPT, its input energies otherwise), and its
