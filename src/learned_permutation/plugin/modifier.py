@@ -46,12 +46,12 @@ from learned_permutation.structure import SITE_KINDS, PermutationSite, find_site
 
 __all__ = ["LearnedPermutationModifier"]
 
+# Under select every candidate runs with its solver's own knobs, so the greedy candidate's configuration is
+# the greedy method's (three sweeps over 1,024 sampled weight rows). On SmolLM2-135M 2:4 over three
+# calibration seeds, select then folded the held-out best of the ria and greedy methods' models on all six
+# seed x pruner runs, where one sweep (session 13's default) lost to the greedy method with Wanda and, chosen
+# over ria on a seed, to ria with SparseGPT (docs/results.md, "Session 14").
 DEFAULT_CANDIDATES = ("identity", "ria", "greedy")
-# Under select, greedy's gains are measured on up to 1024 weight rows (every row of SmolLM2's down_proj)
-# in one sweep: on SmolLM2-135M its per-layer permutations then bring the Wanda 2:4 model's held-out KL
-# from 2.109 to 1.892, while 256 or 512 rows leave it at 2.148 / 2.036, worse than ria's 2.077
-# (results/ablations/per_layer_solvers_smollm2.md). One sweep, not the solver's three: a third of the time.
-SELECT_SOLVER_DEFAULTS = {"greedy": {"rows": 1024, "sweeps": 1}}
 
 
 class LearnedPermutationModifier(Modifier):
@@ -342,11 +342,10 @@ class LearnedPermutationModifier(Modifier):
         return self.sync_pruner_statistics and pruner is not None and world_size() > 1
 
     def _candidate_solver_args(self) -> dict[str, dict]:
-        """Knobs per solver: with ``select``, the user's on top of ``SELECT_SOLVER_DEFAULTS``."""
+        """Knobs per solver: with ``select``, the user's per candidate solver (none: the solver's defaults)."""
         if self.method != "select":
             return {self.method: dict(self.solver_args)}
-        return {name: {**SELECT_SOLVER_DEFAULTS.get(name, {}), **self.solver_args.get(name, {})}
-                for name in self._candidate_solvers()}
+        return {name: dict(self.solver_args.get(name, {})) for name in self._candidate_solvers()}
 
     def _candidate_solvers(self) -> list[str]:
         """The solvers the candidates run, chains (``ria+greedy``) split into their stages."""

@@ -36,8 +36,8 @@ from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.math import nm_mask
-from learned_permutation.math.masks import pack_bits, unpack_bits
 from learned_permutation.math import score as pruning_score
+from learned_permutation.math.masks import pack_bits, unpack_bits
 from learned_permutation.math.objectives import mask_in_original_order
 from learned_permutation.math.threads import solver_threads
 from learned_permutation.plugin.pruner_model import PrunerModel
