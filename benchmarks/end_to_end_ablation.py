@@ -48,6 +48,7 @@ from learned_permutation.plugin.artifacts import REPORT_FILE  # noqa: E402
 
 
 def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> list[tuple[str, Variant]]:
+    other_score = "wanda" if pruner == "sparsegpt" else "sparsegpt"
     budget = {"steps": steps, "train_tokens": train_tokens, "batch_tokens": min(1024, train_tokens)}
 
     def model_objective(label: str, extra: tuple = (), **knobs) -> tuple[str, Variant]:
@@ -59,10 +60,15 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         ("default (select)", Variant(pruner, "select")),
         ("ria", Variant(pruner, "ria")),
         ("greedy", Variant(pruner, "greedy")),
+        # the ria solver on another pruner's importance than the one that follows (score: auto mirrors it)
+        *[(f"{score}-score ria", Variant(pruner, "ria", modifier_args=(("score", score),)))
+          for score in ("wanda", "ria", "sparsegpt") if score != pruner],
         *([("select + SparseGPT update simulated",
             Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),)))] if pruner == "sparsegpt" else []),
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
+        (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
+         Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", f"ria@{other_score}")),))),
         ("select + ria+greedy candidate",
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
         model_objective("select + end-to-end residual"),

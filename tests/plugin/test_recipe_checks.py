@@ -211,6 +211,16 @@ def test_unknown_solver_args_fail_at_recipe_parsing_with_the_valid_keys(llama_di
     assert_refused_before_forward(llama_dir, str(recipe), r"solver_args \['sweepz'\].*valid keys: \[.*'sweeps'")
 
 
+@pytest.mark.parametrize("candidate", ["ria@wandda", "riа", "ria+@wanda", "ria@"])
+def test_a_misspelt_candidate_fails_at_recipe_parsing_with_the_grammar(llama_dir, tmp_path, candidate):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "sparsity_stage:\n  sparsity_modifiers:\n    LearnedPermutationModifier:\n      mask_structure: '2:4'\n"
+        f"      candidates: [identity, '{candidate}']\n"
+    )
+    assert_refused_before_forward(llama_dir, str(recipe), r"solver\[\+solver...\]\[@score\].*'ria@wanda'")
+
+
 def test_solver_seed_is_the_modifiers_own_field():
     with pytest.raises(ValueError, match="modifier's own `seed`"):
         LearnedPermutationModifier(method="greedy", solver_args={"seed": 1})

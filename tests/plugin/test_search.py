@@ -136,7 +136,30 @@ def test_greedy_candidate_is_the_greedy_methods_permutation():
     for site, channels in ((sites[0], 1024), (mlp, mlp.size)):  # 1,024 channels: four greedy windows
         consumers = [Consumer(weight=torch.randn(600, channels, generator=generator),
                               act_sq=torch.rand(channels, generator=generator) + 0.1)]
-        found = search._solve(site, search._problem(consumers))["greedy"]
+        found = search._solve(site, consumers)[0]["greedy"]
         assert torch.equal(found, solve_permutation(consumers, method="greedy", **problem, block_size=site.block_size)), site.kind
         if channels == 1024:  # where sweeps can differ, one sweep finds another order
             assert not torch.equal(found, solve_permutation(consumers, method="greedy", **problem, sweeps=1))
+
+
+def test_a_candidate_with_its_own_score_is_its_solver_on_that_score():
+    """``ria@wanda`` under SparseGPT is the ria solver on the Wanda score (another permutation than ria on
+    SparseGPT's saliency), while the layer-wise objectives still read the pruner's score."""
+    from learned_permutation.math import solve_permutation
+    from learned_permutation.math.objectives import Consumer
+    from learned_permutation.plugin.search import PermutationSearch, SearchSettings
+
+    model = build_tiny_model("llama")
+    mlp = next(s for s in find_sites(model, 4) if s.kind == "mlp")
+    settings = SearchSettings(candidates=("ria", "ria@wanda", "ria+greedy@wanda"), pruner=PrunerModel("sparsegpt", 2, 4))
+    search = PermutationSearch(model, [mlp], [], lambda site: [], settings, None, {})
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4 * mlp.size, mlp.size, generator=generator) * torch.rand(mlp.size, generator=generator) * 3
+    consumers = [Consumer(weight=torch.randn(48, mlp.size, generator=generator), hessian=inputs.T @ inputs)]
+    found, problem = search._solve(mlp, consumers)
+    assert problem.score_kind == "sparsegpt"
+    for name, score, knobs in (("ria", "sparsegpt", {}), ("ria@wanda", "wanda", {})):
+        assert torch.equal(found[name], solve_permutation(consumers, 2, 4, score, "ria", **knobs)), name
+    assert torch.equal(found["ria+greedy@wanda"], solve_permutation(
+        consumers, 2, 4, "wanda", "greedy", init=found["ria@wanda"]))
+    assert not torch.equal(found["ria"], found["ria@wanda"])

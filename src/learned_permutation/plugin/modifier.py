@@ -39,7 +39,7 @@ from learned_permutation.plugin.recipe_checks import (
     shuffles_unseeded,
 )
 from learned_permutation.plugin.pruner_model import PrunerModel
-from learned_permutation.plugin.search import PermutationSearch, SearchSettings
+from learned_permutation.plugin.search import PermutationSearch, SearchSettings, parse_candidate
 from learned_permutation.plugin.selection import calibration_sample
 from learned_permutation.math import SCORE_KINDS, parse_mask_structure
 from learned_permutation.structure import SITE_KINDS, PermutationSite, find_sites, mapping_for
@@ -133,7 +133,8 @@ class LearnedPermutationModifier(Modifier):
         solver's, e.g. ``{steps: 200}``; with ``select`` per candidate, e.g.
         ``{greedy: {sweeps: 5}}``.
     :param candidates: ``select`` only: the solvers whose configurations are compared; ``ria+greedy``
-        is ``greedy`` started from ``ria``'s order.
+        is ``greedy`` started from ``ria``'s order; ``ria@wanda`` is ``ria`` solved on another
+        importance ``score`` than the modifier's (the simulation still prunes as the pruner does).
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param seed: seed for every random choice of the solvers.
@@ -180,9 +181,7 @@ class LearnedPermutationModifier(Modifier):
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
-    candidates: list[Literal["identity", "ria", "greedy", "learned", "ria+greedy"]] = Field(
-        default_factory=lambda: list(DEFAULT_CANDIDATES)
-    )
+    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     sample_tokens: int = Field(default=8192, ge=64)
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
@@ -235,6 +234,8 @@ class LearnedPermutationModifier(Modifier):
     def _check_candidates(cls, value):
         if not value or len(set(value)) != len(value):
             raise ValueError(f"candidates must name at least one solver, each once; got {value}")
+        for name in value:
+            parse_candidate(name)
         return value
 
     @model_validator(mode="after")
@@ -349,7 +350,7 @@ class LearnedPermutationModifier(Modifier):
 
     def _candidate_solvers(self) -> list[str]:
         """The solvers the candidates run, chains (``ria+greedy``) split into their stages."""
-        return list(dict.fromkeys(stage for name in self.candidates for stage in name.split("+")))
+        return list(dict.fromkeys(stage for name in self.candidates for stage in parse_candidate(name)[0]))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()

@@ -43,7 +43,8 @@ from torch import nn
 
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from learned_permutation.math import SiteProblem, solve_site
+from learned_permutation.math import SCORE_KINDS, SiteProblem, solve_site
+from learned_permutation.math.solvers import SOLVERS
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
@@ -52,9 +53,21 @@ from learned_permutation.plugin.statistics import InputStatistics, check_finite_
 from learned_permutation.structure import PermutationSite, fold_permutations
 from learned_permutation.structure.offload import read_parameter
 
-__all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS"]
+__all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS", "parse_candidate"]
 
 RESIDUAL_SCORING_TOKENS = 2048
+
+
+def parse_candidate(name: str) -> tuple[list[str], str | None]:
+    """A candidate's solver stages and importance score: ``ria+greedy@wanda`` is ``greedy`` started from
+    ``ria``'s order, both on the Wanda score (without ``@``: the modifier's score)."""
+    chain, at, score = name.partition("@")
+    stages = chain.split("+")
+    if any(stage not in SOLVERS for stage in stages) or (at and score not in SCORE_KINDS):
+        raise ValueError(
+            f"candidate {name!r} is not solver[+solver...][@score] with solvers from {list(SOLVERS)} and scores "
+            f"from {list(SCORE_KINDS)}, e.g. 'greedy', 'ria+greedy' or 'ria@wanda'")
+    return stages, score or None
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,7 @@ class PermutationSearch:
     def _solve_layer_site(self, site: PermutationSite, stats: dict) -> None:
         start = time.perf_counter()
         check_finite_statistics(stats, self.names)
-        problem = self._problem(site.consumers_from_stats(stats))
-        solved = self._solve(site, problem)
+        solved, problem = self._solve(site, site.consumers_from_stats(stats))
         self.candidates[site] = SiteCandidates(
             solved, self._objectives(site, problem, solved), [self.names[m] for m in stats], time.perf_counter() - start)
 
@@ -172,8 +184,7 @@ class PermutationSearch:
                 "pruner; remove 'residual' from sites or target those Linears."
             )
         check_finite_statistics(dict(energy.sums), self.names)
-        problem = self._problem(readers.consumers)
-        solved = self._solve(site, problem)
+        solved, problem = self._solve(site, readers.consumers)
         names = [self.names[n.module] for n in site.consumer_modules if n.module in energy.sums]
         self.candidates[site] = SiteCandidates(
             solved, self._objectives(site, problem, solved), names, time.perf_counter() - start,
@@ -233,26 +244,38 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ shared
 
-    def _problem(self, consumers: list) -> SiteProblem:
-        """The site's consumers prepared once (scores, SparseGPT's inverse Hessians) for every solver."""
+    def _solve(self, site: PermutationSite, consumers: list) -> tuple[dict[str, torch.Tensor], SiteProblem]:
+        """Each candidate's permutation, and the site's problem on the pruner's score (which the layer-wise
+        objectives read). A candidate is a solver from the stored order or a chain ``a+b`` (``b`` started from
+        ``a``'s result), on the pruner's score or its own (``@score``); each score's problem is prepared once
+        for its candidates (scores, SparseGPT's inverse Hessians), one at a time, the pruner's last; a chain's
+        first stages are solved once for every candidate that shares them."""
         pruner = self.settings.pruner
-        return SiteProblem(consumers, pruner.n, pruner.m, pruner.score)
+        by_score: dict[str, list[str]] = {}
+        for name in self.settings.candidates:
+            by_score.setdefault(parse_candidate(name)[1] or pruner.score, []).append(name)
+        by_score[pruner.score] = by_score.pop(pruner.score, [])
+        solved: dict[str, torch.Tensor] = {}
+        for kind, names in by_score.items():
+            problem = None  # the previous score's problem freed before the next is prepared
+            problem = SiteProblem(consumers, pruner.n, pruner.m, kind)
+            solved |= self._solve_chains(site, problem, names)
+        return {name: solved[name] for name in self.settings.candidates}, problem
 
-    def _solve(self, site: PermutationSite, problem: SiteProblem) -> dict[str, torch.Tensor]:
-        """Each candidate's permutation: a solver from the stored order, or a chain ``a+b`` (``b`` started
-        from ``a``'s result); a chain's first stages are solved once for every candidate that shares them."""
+    def _solve_chains(self, site: PermutationSite, problem: SiteProblem, names: list[str]) -> dict[str, torch.Tensor]:
         chains: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
-            for name in self.settings.candidates:
+            for name in names:
                 done = ""
-                for stage in name.split("+"):
+                for stage in parse_candidate(name)[0]:
                     start, done = chains.get(done), f"{done}+{stage}" if done else stage
                     if done not in chains:
                         knobs = {"seed": self.settings.seed, **self.settings.solver_args.get(stage, {})}
                         if start is not None:
                             knobs["init"] = start
                         chains[done] = solve_site(problem, stage, block_size=site.block_size, **knobs)
-        return {name: chains[name].cpu() for name in self.settings.candidates}
+                chains[name] = chains[done]
+        return {name: chains[name].cpu() for name in names}
 
     def _objectives(self, site, problem: SiteProblem, solved: dict[str, torch.Tensor]) -> dict[str, float]:
         """The layer-wise objective of the stored order (``identity``) and of every candidate."""
