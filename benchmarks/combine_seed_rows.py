@@ -4,7 +4,8 @@ Long runs are split (one seed at a time, some rows at an earlier commit whose co
 joins their rows. Each input is a ``.json`` written by ``end_to_end_ablation.py`` or a ``.jsonl`` of the rows
 it logs as it goes (a run stopped before its table); a later file's row replaces an earlier one's for the same
 (variant, seed). Per variant: held-out C4 / WikiText-2 perplexity and KL per seed, then the mean over seeds of
-each seed's share of the pruner-alone gap to dense (dense from the runs' ``dense`` rows) and the mean KL.
+each seed's share of the pruner-alone gap to dense (dense from the runs' ``dense`` rows) and the mean KL; the
+usual four variants first, then every other row the runs hold.
 
 ``--chosen FILES`` adds a row per ``select`` variant of those runs other than the default (``--selection-only`` rows too) made
 of the held-out numbers of the method whose configuration it chose on each seed: with the same solver knobs,
@@ -23,7 +24,8 @@ import sys
 from pathlib import Path
 
 VARIANTS = ("pruner alone", "default (select)", "ria", "greedy")
-CHOSEN_METHOD_ROWS = {"identity": "pruner alone", "ria": "ria", "greedy": "greedy"}  # configuration -> its model's row
+CHOSEN_METHOD_ROWS = {"identity": "pruner alone", "ria": "ria", "greedy": "greedy",  # configuration -> its model's row
+                      "ria@wanda": "wanda-score ria", "ria@sparsegpt": "sparsegpt-score ria"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     chosen = chosen_rows(rows, [row for path in args.chosen for row in read_rows(path)])
     rows |= chosen
     print(f"`python benchmarks/combine_seed_rows.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    print("\n".join(table(rows, VARIANTS + tuple(dict.fromkeys(label for label, _ in chosen)))))
+    others = tuple(dict.fromkeys(label for label, _ in rows if label not in VARIANTS and label != "dense"))
+    print("\n".join(table(rows, VARIANTS + others)))
     return 0
 
 

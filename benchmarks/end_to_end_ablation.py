@@ -64,7 +64,11 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         *[(f"{score}-score ria", Variant(pruner, "ria", modifier_args=(("score", score),)))
           for score in ("wanda", "ria", "sparsegpt") if score != pruner],
         *([("select + SparseGPT update simulated",
-            Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),)))] if pruner == "sparsegpt" else []),
+            Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),))),
+           ("select + ria@wanda candidate + SparseGPT update simulated",
+            Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria@wanda")),
+                                                     ("simulate_sparsegpt_update", True))))]
+          if pruner == "sparsegpt" else []),
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
