@@ -203,22 +203,24 @@ def test_too_little_calibration_text_fails_before_forward(llama_dir, texts):
 @pytest.mark.parametrize("arguments", ["method: greedy\n      solver_args: {sweepz: 3}",
                                        "solver_args: {greedy: {sweepz: 3}}"])
 def test_unknown_solver_args_fail_at_recipe_parsing_with_the_valid_keys(llama_dir, tmp_path, arguments):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        "sparsity_stage:\n  sparsity_modifiers:\n    LearnedPermutationModifier:\n      mask_structure: '2:4'\n"
-        f"      {arguments}\n"
-    )
-    assert_refused_before_forward(llama_dir, str(recipe), r"solver_args \['sweepz'\].*valid keys: \[.*'sweeps'")
+    recipe = modifier_recipe_file(tmp_path, arguments)
+    assert_refused_before_forward(llama_dir, recipe, r"solver_args \['sweepz'\].*valid keys: \[.*'sweeps'")
 
 
 @pytest.mark.parametrize("candidate", ["ria@wandda", "riа", "ria+@wanda", "ria@"])
 def test_a_misspelt_candidate_fails_at_recipe_parsing_with_the_grammar(llama_dir, tmp_path, candidate):
-    recipe = tmp_path / "recipe.yaml"
+    recipe = modifier_recipe_file(tmp_path, f"candidates: [identity, '{candidate}']")
+    assert_refused_before_forward(llama_dir, recipe, r"solver\[\+solver...\]\[@score\].*'ria@wanda'")
+
+
+def modifier_recipe_file(directory, arguments: str) -> str:
+    """A YAML recipe of the modifier alone (2:4) with ``arguments`` (YAML lines at the field indent)."""
+    recipe = directory / "recipe.yaml"
     recipe.write_text(
         "sparsity_stage:\n  sparsity_modifiers:\n    LearnedPermutationModifier:\n      mask_structure: '2:4'\n"
-        f"      candidates: [identity, '{candidate}']\n"
+        f"      {arguments}\n"
     )
-    assert_refused_before_forward(llama_dir, str(recipe), r"solver\[\+solver...\]\[@score\].*'ria@wanda'")
+    return str(recipe)
 
 
 def test_solver_seed_is_the_modifiers_own_field():
