@@ -7,8 +7,8 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    (``selection.scored_final_hidden``: a layer's activations are one chunk's), with hooks that gather
    the input energy of every targeted Linear and, when the pruner's score reads it (SparseGPT), the
    Hessian ``X^T X`` of each per-layer site's consumer. When a decoder layer has run, each candidate
-   solver permutes its sites from that layer alone (one prepared problem per site, shared by the solvers
-   and the layer-wise objectives), the Hessians are dropped, and the layer's residual readers contribute
+   solver permutes its sites from that layer alone (one prepared problem per site and score, shared by the
+   solvers and the layer-wise objectives), the Hessians are dropped, and the layer's residual readers contribute
    sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's Hessians, the sample's hidden
    states and one chunk's activations inside a layer.
 2. Residual: each candidate solver permutes the residual stream from the sampled rows.
@@ -263,6 +263,7 @@ class PermutationSearch:
         return {name: solved[name] for name in self.settings.candidates}, problem
 
     def _solve_chains(self, site: PermutationSite, problem: SiteProblem, names: list[str]) -> dict[str, torch.Tensor]:
+        """The permutations of the candidates ``names`` that solve on ``problem``'s score."""
         chains: dict[str, torch.Tensor] = {}
         with torch.enable_grad():  # the learned solver trains its logits
             for name in names:
