@@ -65,7 +65,7 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
           for score in ("wanda", "ria", "sparsegpt") if score != pruner],
         *([("select + SparseGPT update simulated",
             Variant(pruner, "select", modifier_args=(("simulate_sparsegpt_update", True),))),
-           ("select + ria@wanda candidate + SparseGPT update simulated",
+           ("select, SparseGPT update simulated, + ria@wanda candidate",  # no prefix of the row without the update
             Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria@wanda")),
                                                      ("simulate_sparsegpt_update", True))))]
           if pruner == "sparsegpt" else []),

@@ -250,17 +250,18 @@ class PermutationSearch:
         ``a``'s result), on the pruner's score or its own (``@score``); each score's problem is prepared once
         for its candidates (scores, SparseGPT's inverse Hessians), one at a time, the pruner's last; a chain's
         first stages are solved once for every candidate that shares them."""
-        pruner = self.settings.pruner
-        by_score: dict[str, list[str]] = {}
-        for name in self.settings.candidates:
-            by_score.setdefault(parse_candidate(name)[1] or pruner.score, []).append(name)
-        by_score[pruner.score] = by_score.pop(pruner.score, [])
+        pruner, candidates = self.settings.pruner, self.settings.candidates
+        other_scores: dict[str, list[str]] = {}
+        for name in candidates:
+            score = parse_candidate(name)[1]
+            if score not in (None, pruner.score):
+                other_scores.setdefault(score, []).append(name)
         solved: dict[str, torch.Tensor] = {}
-        for kind, names in by_score.items():
-            problem = None  # the previous score's problem freed before the next is prepared
-            problem = SiteProblem(consumers, pruner.n, pruner.m, kind)
-            solved |= self._solve_chains(site, problem, names)
-        return {name: solved[name] for name in self.settings.candidates}, problem
+        for kind, names in other_scores.items():  # each problem dropped once its candidates are solved
+            solved |= self._solve_chains(site, SiteProblem(consumers, pruner.n, pruner.m, kind), names)
+        problem = SiteProblem(consumers, pruner.n, pruner.m, pruner.score)
+        solved |= self._solve_chains(site, problem, [name for name in candidates if name not in solved])
+        return {name: solved[name] for name in candidates}, problem
 
     def _solve_chains(self, site: PermutationSite, problem: SiteProblem, names: list[str]) -> dict[str, torch.Tensor]:
         """The permutations of the candidates ``names`` that solve on ``problem``'s score."""
