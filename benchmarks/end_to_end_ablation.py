@@ -4,7 +4,8 @@ For each model and calibration seed, 2:4 with the pruner (``--pruner``), every r
 evaluated from its saved checkpoint (held-out perplexity and KL to dense, as in ``benchmarks/run.py``):
 
 * the pruner alone; the default (``method: select``); the single-solver methods ``ria`` and ``greedy``
-  (with several seeds: the calibration-set noise the default is compared within); the default with
+  (with several seeds: the calibration-set noise the default is compared within); the default with solver seeds
+  1 and 2 (the residual's reader rows sampled otherwise: the spread of equally good configurations); the default with
   ``greedy``'s three sweeps (its candidates are then the ``ria`` and ``greedy`` methods' configurations); with SparseGPT, the
   default scoring its configurations after SparseGPT's own update (``simulate_sparsegpt_update``); the default with a
   `ria+greedy` candidate (greedy started from ria's order);
@@ -69,6 +70,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
             Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria@wanda")),
                                                      ("simulate_sparsegpt_update", True))))]
           if pruner == "sparsegpt" else []),
+        # the default with another seed for its random choices (the residual's sampled reader rows): equally good
+        # configurations, so their spread is the noise floor a comparison between methods is read against
+        *[(f"select, solver seed {seed}", Variant(pruner, "select", modifier_args=(("seed", seed),))) for seed in (1, 2)],
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
