@@ -73,6 +73,11 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # the default with another seed for its random choices (the residual's sampled reader rows): equally good
         # configurations, so their spread is the noise floor a comparison between methods is read against
         *[(f"select, solver seed {seed}", Variant(pruner, "select", modifier_args=(("seed", seed),))) for seed in (1, 2)],
+        # the same with the residual solvers reading every sampled reader row, not 1,024 of them
+        *[(f"select, all sampled rows, solver seed {seed}",
+           Variant(pruner, "select", modifier_args=(("seed", seed), ("solver_args", {"ria": {"rows": None},
+                                                                                     "greedy": {"rows": None}}))))
+          for seed in (0, 1, 2)],
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
