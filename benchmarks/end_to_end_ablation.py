@@ -78,6 +78,11 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
            Variant(pruner, "select", modifier_args=(("seed", seed), ("solver_args", {"ria": {"rows": None},
                                                                                      "greedy": {"rows": None}}))))
           for seed in (0, 1, 2)],
+        # which sites the default's gain and its spread come from
+        *[(f"select, {label} only, solver seed {seed}",
+           Variant(pruner, "select", modifier_args=(("sites", sites), ("seed", seed))))
+          for label, sites in (("residual site", ("residual",)), ("per-layer sites", ("mlp", "attn_vo")))
+          for seed in (0, 1, 2)],
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
