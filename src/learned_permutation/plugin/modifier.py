@@ -50,7 +50,8 @@ __all__ = ["LearnedPermutationModifier"]
 # the greedy method's (three sweeps over 1,024 sampled weight rows). On SmolLM2-135M 2:4 over three
 # calibration seeds, select then folded the held-out best of the ria and greedy methods' models on all six
 # seed x pruner runs, where one sweep (session 13's default) lost to the greedy method with Wanda and, chosen
-# over ria on a seed, to ria with SparseGPT (docs/results.md, "Session 14").
+# over ria on a seed, to ria with SparseGPT (docs/results.md, "Session 14"), all at the modifier's seed 0; at
+# seeds 1 and 2 the default's means with Wanda are far lower (docs/results.md, "Session 16").
 DEFAULT_CANDIDATES = ("identity", "ria", "greedy")
 
 
