@@ -52,6 +52,11 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
     other_score = "wanda" if pruner == "sparsegpt" else "sparsegpt"
     budget = {"steps": steps, "train_tokens": train_tokens, "batch_tokens": min(1024, train_tokens)}
 
+    def seeded(label: str, seeds: tuple[int, ...], *args: tuple[str, object]) -> list[tuple[str, Variant]]:
+        """The default with ``args`` at each modifier ``seed`` (labels share no prefix with other rows)."""
+        return [(f"{label}, solver seed {seed}", Variant(pruner, "select", modifier_args=(("seed", seed), *args)))
+                for seed in seeds]
+
     def model_objective(label: str, extra: tuple = (), **knobs) -> tuple[str, Variant]:
         args = (("objective", "model"), ("end_to_end", {**budget, **knobs}), *extra)
         return label, Variant(pruner, "select", modifier_args=args)
@@ -72,17 +77,13 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
           if pruner == "sparsegpt" else []),
         # the default with another seed for its random choices (the residual's sampled reader rows): equally good
         # configurations, so their spread is the noise floor a comparison between methods is read against
-        *[(f"select, solver seed {seed}", Variant(pruner, "select", modifier_args=(("seed", seed),))) for seed in (1, 2)],
+        *seeded("select", (1, 2)),
         # the same with the residual solvers reading every sampled reader row, not 1,024 of them
-        *[(f"select, all sampled rows, solver seed {seed}",
-           Variant(pruner, "select", modifier_args=(("seed", seed), ("solver_args", {"ria": {"rows": None},
-                                                                                     "greedy": {"rows": None}}))))
-          for seed in (0, 1, 2)],
+        *seeded("select, all sampled rows", (0, 1, 2),
+                ("solver_args", {"ria": {"rows": None}, "greedy": {"rows": None}})),
         # which sites the default's gain and its spread come from
-        *[(f"select, {label} only, solver seed {seed}",
-           Variant(pruner, "select", modifier_args=(("sites", sites), ("seed", seed))))
-          for label, sites in (("residual site", ("residual",)), ("per-layer sites", ("mlp", "attn_vo")))
-          for seed in (0, 1, 2)],
+        *seeded("select, residual site only", (0, 1, 2), ("sites", ("residual",))),
+        *seeded("select, per-layer sites only", (0, 1, 2), ("sites", ("mlp", "attn_vo"))),
         ("select + greedy 3 sweeps",  # the greedy method's configuration as select's candidate
          Variant(pruner, "select", modifier_args=(("solver_args", {"greedy": {"sweeps": 3}}),))),
         (f"select + ria@{other_score} candidate",  # the ria solver on the other pruner's score as a third candidate
