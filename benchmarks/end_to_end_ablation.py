@@ -52,9 +52,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
     other_score = "wanda" if pruner == "sparsegpt" else "sparsegpt"
     budget = {"steps": steps, "train_tokens": train_tokens, "batch_tokens": min(1024, train_tokens)}
 
-    def seeded(label: str, seeds: tuple[int, ...], *args: tuple[str, object]) -> list[tuple[str, Variant]]:
-        """The default with ``args`` at each modifier ``seed`` (labels share no prefix with other rows)."""
-        return [(f"{label}, solver seed {seed}", Variant(pruner, "select", modifier_args=(("seed", seed), *args)))
+    def seeded(label: str, seeds: tuple[int, ...], *args: tuple[str, object], method: str = "select") -> list[tuple[str, Variant]]:
+        """``method`` with ``args`` at each modifier ``seed`` (labels share no prefix with other rows)."""
+        return [(f"{label}, solver seed {seed}", Variant(pruner, method, modifier_args=(("seed", seed), *args)))
                 for seed in seeds]
 
     def model_objective(label: str, extra: tuple = (), **knobs) -> tuple[str, Variant]:
@@ -78,6 +78,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # the default with another seed for its random choices (the residual's sampled reader rows): equally good
         # configurations, so their spread is the noise floor a comparison between methods is read against
         *seeded("select", (1, 2)),
+        # the default's candidates as methods at those seeds: each of the default's rows above is one of them (the
+        # same configuration), so the comparison between the three is paired run by run
+        *[row for method in ("ria", "greedy") for row in seeded(f"method {method}", (1, 2), method=method)],
         # the same with the residual solvers reading every sampled reader row, not 1,024 of them
         *seeded("select, all sampled rows", (0, 1, 2),
                 ("solver_args", {"ria": {"rows": None}, "greedy": {"rows": None}})),
