@@ -95,11 +95,13 @@ class Variant:
         return [*permutation, _pruner_modifier(self.pruner, self.pattern)]
 
 
-def variant_grid(pruners, methods, patterns) -> list[Variant]:
-    """Dense first, then pruner x pattern x method, the unpermuted baseline first in each group."""
+def variant_grid(pruners, methods, patterns, modifier_args: tuple[tuple[str, object], ...] = ()) -> list[Variant]:
+    """Dense first, then pruner x pattern x method, the unpermuted baseline first in each group;
+    ``modifier_args`` go to every permuting variant."""
     ordered = [method for method in PERMUTATION_METHODS if method in methods]
     return [Variant()] + [
-        Variant(pruner, method, pattern) for pruner in pruners for pattern in patterns for method in ordered
+        Variant(pruner, method, pattern, modifier_args=() if method == "none" else modifier_args)
+        for pruner in pruners for pattern in patterns for method in ordered
     ]
 
 

@@ -157,6 +157,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the grid for this many calibration seeds (--seed, --seed+1, ...) and add mean/spread")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--solver-seed", type=int, default=0,
+                        help="the modifier's seed (its random row samples and windows) in every permuting row")
     real_model.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -296,7 +298,8 @@ def run_grid(args, seed: int, wikitext: Path) -> tuple[Setup, list[Result]]:
                             args.checkpoint_dir / setup.name, setup.eval_seq_len, seed=seed,
                             layer_error_windows=args.layer_error_windows)
     results = []
-    for variant in variant_grid(args.pruners, args.methods, args.patterns):
+    solver_seed = (("seed", args.solver_seed),) if args.solver_seed else ()
+    for variant in variant_grid(args.pruners, args.methods, args.patterns, solver_seed):
         logger.info(f"benchmark (calibration seed {seed}): {variant.name}")
         lm_eval = wikitext.is_file() and seed == args.seed and wants_lm_eval(variant, args.lm_eval)
         results.append(comparison.run(variant, wikitext if lm_eval else None))

@@ -32,6 +32,9 @@ def test_variant_names_baselines_and_grid_order():
     assert [v.name for v in grid] == [
         "dense", "Wanda 2:4", "Wanda 2:4 + learned perm", "Wanda 4:8", "Wanda 4:8 + learned perm"
     ]
+    seeded = variant_grid(["wanda"], ["none", "ria"], ["2:4"], (("seed", 1),))
+    assert [v.name for v in seeded] == ["dense", "Wanda 2:4", "Wanda 2:4 + ria perm [seed=1]"]
+    assert seeded[1] == seeded[2].baseline  # the pruner alone has no modifier, so no seed
     with pytest.raises(ValueError, match="unknown pruner"):
         Variant("magnitude")
     with pytest.raises(ValueError, match="unknown permutation method"):

@@ -1,0 +1,189 @@
+"""The default against its own candidates as methods, paired run by run over calibration and solver seeds.
+
+The modifier's ``seed`` (the solver seed: the residual's sampled reader rows, the solvers' row subsamples and
+``greedy``'s windows) moves held-out numbers more than the methods differ (docs/results.md, session 16). But in
+one run (one calibration set, one solver seed) the default's configuration *is* one of its candidates': the
+``ria`` method's, the ``greedy`` method's or the stored order (the pruner alone), solved from the same sample
+with the same seed. So the comparison that removes the solver-seed spread is paired: per run, the default's
+model against the ``ria`` and ``greedy`` models of that very run. This reads ``end_to_end_ablation.py`` rows
+(``.json`` or ``.jsonl``, later files replacing earlier rows; or ``benchmarks/run.py``'s ``results.json`` with
+``--repeats`` and ``--solver-seed``, its 2:4 rows of ``--pruner``) labelled, per solver seed ``K`` > 0,
+``select, solver seed K``, ``method ria, solver seed K``, ``method greedy, solver seed K`` (at seed 0:
+``default (select)``, ``ria``, ``greedy``), and prints
+
+1. per run: each method's held-out C4 / WikiText-2 perplexity (KL to dense); where a method's row is missing
+   but the default chose that method's configuration in the run, the default's row stands for it (marked);
+   where both exist they must agree (checked);
+2. per method: the mean share of the pruner-alone gap to dense on C4 and WikiText-2 and the mean KL over every
+   run, the mean KL per solver seed, and the default's paired wins / ties / losses against each method;
+3. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+   solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
+   order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
+
+    python benchmarks/solver_seed_pairs.py results/end_to_end/smollm2-135m_wanda_seeds01_28d331f.jsonl ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from combine_seed_rows import read_rows
+
+METHODS = ("default", "ria", "greedy")
+SEED_ZERO_LABELS = {"default": "default (select)", "ria": "ria", "greedy": "greedy"}
+SEEDED_LABELS = {"default": "select, solver seed {}", "ria": "method ria, solver seed {}",
+                 "greedy": "method greedy, solver seed {}"}
+KEYS = ("held_out_ppl", "wikitext2_ppl", "held_out_kl")
+
+
+RUN_METHODS = {"select": "default", "ria": "ria", "greedy": "greedy"}
+
+
+def read_any(path: Path, pruner: str) -> list[dict]:
+    """Rows of an ``end_to_end_ablation.py`` output, or the ``pruner`` 2:4 rows of a ``run.py`` results.json."""
+    data = None if path.suffix == ".jsonl" else json.loads(path.read_text())
+    if not isinstance(data, dict) or "repeats" not in data:
+        return read_rows(path)
+    rows = []
+    for seed, results in data["repeats"].items():
+        for result in results:
+            if result["pruner"] is None:
+                name = "dense"
+            elif result["pruner"] != pruner or result["pattern"] != "2:4" or result.get("skipped"):
+                continue
+            elif result["method"] == "none":
+                name = "pruner alone"
+            elif result["method"] in RUN_METHODS:
+                solver = re.search(r"\[.*seed=(\d+)", result["name"])
+                name = label(RUN_METHODS[result["method"]], int(solver.group(1)) if solver else 0)
+            else:
+                continue
+            rows.append({"label": name, "seed": int(seed), "held_out_ppl": result["ppl"]["held-out"],
+                         "wikitext2_ppl": result["ppl"]["wikitext2"], "held_out_kl": result["kl_to_dense"]})
+    return rows
+
+
+def label(method: str, solver_seed: int) -> str:
+    return SEED_ZERO_LABELS[method] if solver_seed == 0 else SEEDED_LABELS[method].format(solver_seed)
+
+
+def run_grid(rows: dict, solver_seeds: list[int]) -> tuple[dict, set]:
+    """{(calibration seed, solver seed, method): row} for every run whose default row exists, and the cells
+    filled from the default's row."""
+    grid, filled = {}, set()
+    calibration_seeds = sorted({seed for (_, seed) in rows})
+    for cal in calibration_seeds:
+        for solver in solver_seeds:
+            default = rows.get((label("default", solver), cal))
+            if default is None:
+                continue
+            grid[cal, solver, "default"] = default
+            chosen = default.get("chosen_configuration")
+            for method in METHODS[1:]:
+                row = rows.get((label(method, solver), cal))
+                if row is not None and chosen == method and not math.isclose(row["held_out_kl"], default["held_out_kl"], rel_tol=1e-9):
+                    raise SystemExit(f"calibration seed {cal}, solver seed {solver}: the default chose {method}'s "
+                                     f"configuration but its KL {default['held_out_kl']} differs from the {method} "
+                                     f"method's {row['held_out_kl']}: not the same model")
+                if row is None and chosen == method:
+                    row = default
+                    filled.add((cal, solver, method))
+                if row is not None:
+                    grid[cal, solver, method] = row
+    return grid, filled
+
+
+def share(rows: dict, row: dict, cal: int, key: str) -> float:
+    alone, dense = rows["pruner alone", cal][key], rows["dense", cal][key]
+    return (alone - row[key]) / (alone - dense)
+
+
+def cell(row: dict | None) -> str:
+    return "-" if row is None else f"{row['held_out_ppl']:.2f} / {row['wikitext2_ppl']:.2f} ({row['held_out_kl']:.4f})"
+
+
+def per_run_table(grid: dict, filled: set) -> list[str]:
+    lines = ["| calibration seed, solver seed | default (chose) | ria | greedy |", "|---|---|---|---|"]
+    for cal, solver in sorted({(c, s) for c, s, _ in grid}):
+        default = grid[cal, solver, "default"]
+        cells = [f"{cell(default)} ({default.get('chosen_configuration', '?')})"]
+        cells += [cell(grid.get((cal, solver, m))) + (" (= default)" if (cal, solver, m) in filled else "")
+                  for m in METHODS[1:]]
+        lines.append(f"| {cal}, {solver} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_table(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
+    runs = sorted({(c, s) for c, s, _ in grid})
+    complete = [run for run in runs if all((*run, m) in grid for m in METHODS)]
+    lines = [f"Over the {len(complete)} runs where all three models exist:", "",
+             "| method | held-out gap closed | WikiText-2 gap closed | mean KL | "
+             + " | ".join(f"mean KL, solver seed {s}" for s in solver_seeds) + " | default's KL wins / ties / losses |",
+             "|---|---|---|---|" + "---|" * len(solver_seeds) + "---|"]
+    for method in METHODS:
+        picked = [(cal, grid[cal, solver, method]) for cal, solver in complete]
+        shares = [sum(share(rows, row, cal, key) for cal, row in picked) / len(picked) for key in KEYS[:2]]
+        kl = sum(row["held_out_kl"] for _, row in picked) / len(picked)
+        by_seed = []
+        for s in solver_seeds:
+            kls = [grid[cal, solver, method]["held_out_kl"] for cal, solver in complete if solver == s]
+            by_seed.append(f"{sum(kls) / len(kls):.4f}" if kls else "-")
+        record = "-"
+        if method != "default":
+            diffs = [grid[(*run, "default")]["held_out_kl"] - grid[(*run, method)]["held_out_kl"] for run in complete]
+            record = f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / {sum(d > 1e-12 for d in diffs)}"
+        lines.append(f"| {method} | {100 * shares[0]:.1f}% | {100 * shares[1]:.1f}% | {kl:.4f} | "
+                     + " | ".join(by_seed) + f" | {record} |")
+    return lines
+
+
+def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
+    """Per calibration set: the lowest calibration KL among every solver seed's candidate configurations."""
+    lines = ["| calibration seed | chosen among seeds (calibration KL) | its model: C4 / WikiText-2 (KL) | "
+             "the default's mean KL over those seeds |", "|---|---|---|---|"]
+    for cal in sorted({c for c, _, _ in grid}):
+        scored = {}
+        for solver in solver_seeds:
+            default = grid.get((cal, solver, "default"))
+            losses = None if default is None else default.get("configuration_calibration_losses")
+            if losses is None:
+                return lines + [f"(calibration seed {cal}, solver seed {solver}: no calibration losses; not computed)"]
+            for candidate, loss in losses.items():
+                scored[candidate if candidate == "identity" else (candidate, solver)] = loss["kl"]
+        identity = {grid[cal, s, "default"]["configuration_calibration_losses"]["identity"]["kl"] for s in solver_seeds}
+        if max(identity) - min(identity) > 1e-9:
+            raise SystemExit(f"calibration seed {cal}: the stored order's calibration KL differs between solver seeds "
+                             f"({sorted(identity)}): the passes did not score the same tokens")
+        best = min(scored, key=scored.get)
+        model = rows["pruner alone", cal] if best == "identity" else grid.get((cal, best[1], best[0]))
+        name = best if best == "identity" else f"{best[0]} at solver seed {best[1]}"
+        mean = sum(grid[cal, s, "default"]["held_out_kl"] for s in solver_seeds) / len(solver_seeds)
+        lines.append(f"| {cal} | {name} ({scored[best]:.4f}) | {cell(model)} | {mean:.4f} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", type=Path, nargs="+", help="later files' rows replace earlier ones'")
+    parser.add_argument("--solver-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
+    args = parser.parse_args(argv)
+    rows: dict[tuple[str, int], dict] = {}
+    for path in args.inputs:
+        for row in read_any(path, args.pruner):
+            rows[row["label"], row["seed"]] = row
+    grid, filled = run_grid(rows, args.solver_seeds)
+    print(f"`python benchmarks/solver_seed_pairs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
+    print("\n".join(per_run_table(grid, filled)), "\n")
+    print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
+    print("\n".join(best_of_seeds(rows, grid, args.solver_seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
