@@ -84,6 +84,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # the same with the residual solvers reading every sampled reader row, not 1,024 of them
         *seeded("select, all sampled rows", (0, 1, 2),
                 ("solver_args", {"ria": {"rows": None}, "greedy": {"rows": None}})),
+        # configurations scored on the whole 8,192-token sample instead of its first 2,048 tokens: does a longer
+        # score pick the better of the default's candidates more often (the methods' rows above say which is)?
+        *seeded("select, 8192 scored tokens", (0, 1, 2), ("scoring_tokens", 8192)),
         # which sites the default's gain and its spread come from
         *seeded("select, residual site only", (0, 1, 2), ("sites", ("residual",))),
         *seeded("select, per-layer sites only", (0, 1, 2), ("sites", ("mlp", "attn_vo"))),

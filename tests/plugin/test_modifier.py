@@ -154,9 +154,10 @@ def test_pruned_checkpoint_reloads_exact_nm_and_leaves_embeddings_to_the_permuta
 @pytest.mark.parametrize("pipeline", ["independent", "sequential"])
 def test_select_folds_the_configuration_closest_to_the_dense_model(llama_dir, tmp_path, pipeline):
     """Each candidate solver's configuration (its permutation at every site) is scored by simulated-pruning
-    KL on the calibration sample; the lowest is folded at every site; the saved model is exact 2:4."""
+    KL on the calibration sample's leading ``scoring_tokens`` (here two of its eight rows); the lowest is
+    folded at every site; the saved model is exact 2:4."""
     recipe = [
-        LearnedPermutationModifier(mask_structure="2:4"),
+        LearnedPermutationModifier(mask_structure="2:4", scoring_tokens=2 * SEQ_LEN),
         WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"]),
     ]
     run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out", pipeline=pipeline)
@@ -164,6 +165,7 @@ def test_select_folds_the_configuration_closest_to_the_dense_model(llama_dir, tm
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     losses = {label: found["kl"] for label, found in report["configuration_calibration_losses"].items()}
     assert {"identity", "ria", "greedy"} <= set(losses), losses
+    assert report["scoring_tokens"] == report["scored_tokens"] == 2 * SEQ_LEN  # of NUM_SAMPLES * SEQ_LEN
     chosen = report["chosen_configuration"]
     assert chosen == min(losses, key=losses.get)
     saved = load_file(tmp_path / "out" / PERMUTATIONS_FILE)

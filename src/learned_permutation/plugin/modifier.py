@@ -39,7 +39,7 @@ from learned_permutation.plugin.recipe_checks import (
     shuffles_unseeded,
 )
 from learned_permutation.plugin.pruner_model import PrunerModel
-from learned_permutation.plugin.search import PermutationSearch, SearchSettings, parse_candidate
+from learned_permutation.plugin.search import SCORING_TOKENS, PermutationSearch, SearchSettings, parse_candidate
 from learned_permutation.plugin.selection import calibration_sample
 from learned_permutation.math import SCORE_KINDS, parse_mask_structure
 from learned_permutation.structure import SITE_KINDS, PermutationSite, find_sites, mapping_for
@@ -96,7 +96,7 @@ class LearnedPermutationModifier(Modifier):
           site) is scored by the KL from the dense model of
           the model pruned in simulation as the pipeline would prune it (each layer from
           statistics on the pruned upstream; with ``simulate_sparsegpt_update``, SparseGPT's
-          own OBS update too), over 2,048 sample tokens; the lowest is folded at every site
+          own OBS update too), over ``scoring_tokens`` sample tokens; the lowest is folded at every site
         - with ``objective: model``: from that result, permutations of ``end_to_end.sites``
           trained through the whole pruned model (``learned_permutation.plugin.end_to_end``):
           Sinkhorn-relaxed cost logits, the pruner's N:M mask in the hard order with a
@@ -138,6 +138,8 @@ class LearnedPermutationModifier(Modifier):
         importance ``score`` than the modifier's (the simulation still prunes as the pruner does).
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
+    :param scoring_tokens: ``select`` only: the sample's leading tokens each configuration is
+        scored on (at most ``sample_tokens``); each costs two passes over them per configuration.
     :param seed: seed for every random choice of the solvers.
     :param objective: ``layer`` (the default: candidates from layer statistics, one
         configuration chosen on the calibration loss; no training) or ``model``
@@ -184,6 +186,7 @@ class LearnedPermutationModifier(Modifier):
     solver_args: dict[str, Any] = Field(default_factory=dict)
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     sample_tokens: int = Field(default=8192, ge=64)
+    scoring_tokens: int = Field(default=SCORING_TOKENS, ge=64)
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
@@ -248,6 +251,14 @@ class LearnedPermutationModifier(Modifier):
         missing = [kind for kind in self.end_to_end.sites if kind not in self.sites]
         if missing:
             raise ValueError(f"end_to_end.sites {missing} are not among the modifier's sites {self.sites}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_scoring_tokens(self):
+        if self.scoring_tokens > self.sample_tokens:
+            raise ValueError(
+                f"scoring_tokens={self.scoring_tokens} exceeds sample_tokens={self.sample_tokens}: configurations "
+                "are scored on the sample's leading tokens; raise sample_tokens or lower scoring_tokens")
         return self
 
     @model_validator(mode="after")
@@ -324,6 +335,7 @@ class LearnedPermutationModifier(Modifier):
                         if self.simulate_sparsegpt_update else PrunerModel(self._score_kind, self._n, self._m)),
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
+                scoring_tokens=self.scoring_tokens,
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -378,6 +390,7 @@ class LearnedPermutationModifier(Modifier):
             "candidates": list(self.candidates) if self.method == "select" else [self.method],
             "score": getattr(self, "_score_kind", self.score),
             "sample_tokens": self.sample_tokens,
+            "scoring_tokens": self.scoring_tokens,
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",

@@ -15,7 +15,7 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
-   ``RESIDUAL_SCORING_TOKENS``, each layer masked from statistics taken on the already pruned layers'
+   ``scoring_tokens``, each layer masked from statistics taken on the already pruned layers'
    outputs, as llm-compressor's sequential pipeline calibrates the pruner. The lowest KL is folded. The
    layer-wise objective and the pruner's per-Linear output error (even after SparseGPT's own update)
    both rank permutations close to chance on held-out text, while this calibration KL ranks whole
@@ -23,7 +23,7 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    did worse than either solver's own configuration on SmolLM2-135M (``docs/results.md``), so no mixed
    configuration is scored.
 
-So the cost is one forward over the sample, two over ``RESIDUAL_SCORING_TOKENS`` of it per configuration
+So the cost is one forward over the sample, two over ``scoring_tokens`` of it per configuration
 (a calibration and a pruned pass of each layer), and the solves, whatever the depth.
 
 4. Optionally (``objective: model``), from that result, permutations trained through the whole pruned
@@ -53,9 +53,9 @@ from learned_permutation.plugin.statistics import InputStatistics, check_finite_
 from learned_permutation.structure import PermutationSite, fold_permutations
 from learned_permutation.structure.offload import read_parameter
 
-__all__ = ["SearchSettings", "PermutationSearch", "RESIDUAL_SCORING_TOKENS", "parse_candidate"]
+__all__ = ["SearchSettings", "PermutationSearch", "SCORING_TOKENS", "parse_candidate"]
 
-RESIDUAL_SCORING_TOKENS = 2048
+SCORING_TOKENS = 2048  # the modifier's ``scoring_tokens`` default
 
 
 def parse_candidate(name: str) -> tuple[list[str], str | None]:
@@ -73,13 +73,15 @@ def parse_candidate(name: str) -> tuple[list[str], str | None]:
 @dataclass(frozen=True)
 class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
-    more than one; ``solver_args`` maps a solver name to its knobs; ``end_to_end``: the budget of the
-    end-to-end learning that follows (None: none)."""
+    more than one; ``solver_args`` maps a solver name to its knobs; ``scoring_tokens``: the sample's leading
+    tokens the configurations are scored on; ``end_to_end``: the budget of the end-to-end learning that
+    follows (None: none)."""
 
     candidates: tuple[str, ...]
     pruner: PrunerModel
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
+    scoring_tokens: int = SCORING_TOKENS
     end_to_end: EndToEndArgs | None = None
 
 
@@ -113,7 +115,7 @@ class PermutationSearch:
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
-        scoring, scored = leading_rows(sample, RESIDUAL_SCORING_TOKENS)  # what the configuration passes score
+        scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
         energy, readers, dense = self._layer_pass(sample, device, scored)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
@@ -195,7 +197,7 @@ class PermutationSearch:
 
     def _choose_configuration(self, scoring: dict, device, energy: InputStatistics, dense) -> None:
         """Fold the configuration (each candidate solver's permutation at every site) whose simulated
-        pruning diverges least from the dense model on the sample's first ``RESIDUAL_SCORING_TOKENS``.
+        pruning diverges least from the dense model on the sample's first ``scoring_tokens``.
         One pass (each layer calibrated, then pruned) per distinct configuration, whatever the depth."""
         start = time.perf_counter()
         configurations = _distinct_configurations(
