@@ -16,7 +16,10 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
    where both exist they must agree (checked);
 2. per method: the mean share of the pruner-alone gap to dense on C4 and WikiText-2 and the mean KL over every
    run, the mean KL per solver seed, and the default's paired wins / ties / losses against each method;
-3. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+3. per selector (the default, and ``--selectors`` rows such as ``select, 8192 scored tokens, solver seed K``,
+   ``--selection-only`` rows suffice): in how many runs it chose the candidate with the lowest held-out KL, and
+   the mean held-out KL of its choices next to the best candidate's and each fixed method's;
+4. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
 
@@ -142,6 +145,32 @@ def summary_table(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     return lines
 
 
+def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
+    """How often each selector chose the candidate whose model has the lowest held-out KL, per run where all
+    three candidates' models (the stored order's is the pruner alone) were measured."""
+    runs = sorted({(c, s) for c, s, _ in grid if all((c, s, m) in grid for m in METHODS[1:])})
+    truth = {run: {"identity": rows["pruner alone", run[0]]["held_out_kl"],
+                   **{m: grid[(*run, m)]["held_out_kl"] for m in METHODS[1:]}} for run in runs}
+    lines = [f"Over the {len(runs)} runs where every candidate's model was measured (held-out KL):", "",
+             "| selector | runs | chose the best candidate | mean KL of its choices | best candidate's | ria's | greedy's |",
+             "|---|---|---|---|---|---|---|"]
+    for selector in ["select", *selectors]:
+        choices = {}
+        for run in runs:
+            row = rows.get((label("default", run[1]) if selector == "select" else f"{selector}, solver seed {run[1]}", run[0]))
+            if row is not None and row.get("chosen_configuration") in truth[run]:
+                choices[run] = row["chosen_configuration"]
+        if not choices:
+            continue
+        picked = [truth[run][choice] for run, choice in choices.items()]
+        best = [min(truth[run].values()) for run in choices]
+        right = sum(truth[run][choice] == min(truth[run].values()) for run, choice in choices.items())
+        fixed = [sum(truth[run][m] for run in choices) / len(choices) for m in METHODS[1:]]
+        lines.append(f"| {selector} | {len(choices)} | {right} | {sum(picked) / len(picked):.4f} | "
+                     f"{sum(best) / len(best):.4f} | {fixed[0]:.4f} | {fixed[1]:.4f} |")
+    return lines
+
+
 def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     """Per calibration set: the lowest calibration KL among every solver seed's candidate configurations."""
     lines = ["| calibration seed | chosen among seeds (calibration KL) | its model: C4 / WikiText-2 (KL) | "
@@ -171,6 +200,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", type=Path, nargs="+", help="later files' rows replace earlier ones'")
     parser.add_argument("--solver-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--selectors", nargs="+", default=[],
+                        help="label prefixes of other select rows (``<prefix>, solver seed K``) to judge as selectors")
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], dict] = {}
@@ -181,6 +212,7 @@ def main(argv=None) -> int:
     print(f"`python benchmarks/solver_seed_pairs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(per_run_table(grid, filled)), "\n")
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
+    print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
     print("\n".join(best_of_seeds(rows, grid, args.solver_seeds)))
     return 0
 
