@@ -85,8 +85,8 @@ def run_grid(rows: dict, solver_seeds: list[int]) -> tuple[dict, set]:
             default = rows.get((label("default", solver), cal))
             if default is None:
                 continue
-            grid[cal, solver, "default"] = default
-            chosen = default.get("chosen_configuration")
+            chosen = default.get("chosen_configuration") or _same_model(default, rows, cal, solver)
+            default = grid[cal, solver, "default"] = {**default, "chosen_configuration": chosen}
             for method in METHODS[1:]:
                 row = rows.get((label(method, solver), cal))
                 if row is not None and chosen == method and not math.isclose(row["held_out_kl"], default["held_out_kl"], rel_tol=1e-9):
@@ -99,6 +99,15 @@ def run_grid(rows: dict, solver_seeds: list[int]) -> tuple[dict, set]:
                 if row is not None:
                     grid[cal, solver, method] = row
     return grid, filled
+
+
+def _same_model(default: dict, rows: dict, cal: int, solver: int) -> str | None:
+    """The candidate whose model the default's is, where its row does not say (``run.py``): the one measured
+    row with the very same held-out KL (distinct models never agree to every digit)."""
+    candidates = {"identity": rows.get(("pruner alone", cal)),
+                  **{method: rows.get((label(method, solver), cal)) for method in METHODS[1:]}}
+    same = [name for name, row in candidates.items() if row is not None and row["held_out_kl"] == default["held_out_kl"]]
+    return same[0] if len(same) == 1 else None
 
 
 def share(rows: dict, row: dict, cal: int, key: str) -> float:
@@ -157,7 +166,8 @@ def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
     for selector in ["select", *selectors]:
         choices = {}
         for run in runs:
-            row = rows.get((label("default", run[1]) if selector == "select" else f"{selector}, solver seed {run[1]}", run[0]))
+            row = (grid[(*run, "default")] if selector == "select"
+                   else rows.get((f"{selector}, solver seed {run[1]}", run[0])))
             if row is not None and row.get("chosen_configuration") in truth[run]:
                 choices[run] = row["chosen_configuration"]
         if not choices:
