@@ -119,6 +119,14 @@ def cell(row: dict | None) -> str:
     return "-" if row is None else f"{row['held_out_ppl']:.2f} / {row['wikitext2_ppl']:.2f} ({row['held_out_kl']:.4f})"
 
 
+def _mean_and_error(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:+.4f}"
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:+.4f} ± {spread / math.sqrt(len(values)):.4f}"
+
+
 def per_run_table(grid: dict, filled: set) -> list[str]:
     lines = ["| calibration seed, solver seed | default (chose) | ria | greedy |", "|---|---|---|---|"]
     for cal, solver in sorted({(c, s) for c, s, _ in grid}):
@@ -135,7 +143,7 @@ def summary_table(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     complete = [run for run in runs if all((*run, m) in grid for m in METHODS)]
     lines = [f"Over the {len(complete)} runs where all three models exist:", "",
              "| method | held-out gap closed | WikiText-2 gap closed | mean KL | "
-             + " | ".join(f"mean KL, solver seed {s}" for s in solver_seeds) + " | default's KL wins / ties / losses |",
+             + " | ".join(f"mean KL, solver seed {s}" for s in solver_seeds) + " | default's KL wins / ties / losses, paired KL difference (mean ± standard error) |",
              "|---|---|---|---|" + "---|" * len(solver_seeds) + "---|"]
     for method in METHODS:
         picked = [(cal, grid[cal, solver, method]) for cal, solver in complete]
@@ -148,7 +156,8 @@ def summary_table(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
         record = "-"
         if method != "default":
             diffs = [grid[(*run, "default")]["held_out_kl"] - grid[(*run, method)]["held_out_kl"] for run in complete]
-            record = f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / {sum(d > 1e-12 for d in diffs)}"
+            record = (f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / "
+                      f"{sum(d > 1e-12 for d in diffs)}, {_mean_and_error(diffs)}")
         lines.append(f"| {method} | {100 * shares[0]:.1f}% | {100 * shares[1]:.1f}% | {kl:.4f} | "
                      + " | ".join(by_seed) + f" | {record} |")
     return lines
