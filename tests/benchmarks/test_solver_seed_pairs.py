@@ -21,6 +21,8 @@ def test_the_default_stands_for_the_method_it_chose_and_must_agree_with_it():
     grid, filled, checked = run_grid(rows, [1])
     assert grid[0, 1, "ria"]["held_out_kl"] == 1.5 and filled == {(0, 1, "ria")}
     assert grid[0, 1, "greedy"]["held_out_kl"] == 1.4 and not checked
+    rows[("method ria, solver seed 1", 0)] = row("method ria, solver seed 1", 0, 1.5)
+    assert run_grid(rows, [1])[2] == {(0, 1, "ria")}
     clash = keyed(row("select, solver seed 1", 0, 1.5, "ria"), row("method ria, solver seed 1", 0, 1.6))
     with pytest.raises(SystemExit, match="not the same model"):
         run_grid(clash, [1])
@@ -30,6 +32,7 @@ def test_a_run_py_default_is_the_candidate_with_its_very_kl_and_the_selector_is_
     rows = keyed(row("default (select)", 0, 1.5), row("ria", 0, 1.5), row("greedy", 0, 1.4),
                  row("pruner alone", 0, 2.0), row("dense", 0, 0.0))
     grid, _, checked = run_grid(rows, [0])
-    assert grid[0, 0, "default"]["chosen_configuration"] == "ria" and checked == {(0, 0, "ria")}
+    assert grid[0, 0, "default"]["chosen_configuration"] == "ria" and grid[0, 0, "default"]["choice_inferred"]
+    assert not checked  # inferred, so not a check
     scored = selector_table(rows, grid, [])[-1].split(" | ")
     assert scored[1:4] == ["1", "0", "1.5000"] and scored[4] == "1.4000"  # one run, a wrong choice; the best
