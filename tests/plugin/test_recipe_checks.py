@@ -216,6 +216,7 @@ def test_a_misspelt_candidate_fails_at_recipe_parsing_with_the_grammar(llama_dir
 def test_scoring_more_tokens_than_the_sample_fails_at_recipe_parsing(llama_dir, tmp_path):
     recipe = modifier_recipe_file(tmp_path, "sample_tokens: 1024\n      scoring_tokens: 4096")
     assert_refused_before_forward(llama_dir, recipe, "scoring_tokens=4096 exceeds sample_tokens=1024.*raise sample_tokens")
+    assert LearnedPermutationModifier(sample_tokens=1024)._scoring_tokens() == 1024  # the default follows it
 
 
 def modifier_recipe_file(directory, arguments: str) -> str:

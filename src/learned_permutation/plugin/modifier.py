@@ -139,7 +139,8 @@ class LearnedPermutationModifier(Modifier):
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param scoring_tokens: ``select`` only: the sample's leading tokens each configuration is
-        scored on (at most ``sample_tokens``); each costs two passes over them per configuration.
+        scored on (at most ``sample_tokens``; the default, 2,048, is cut to a smaller
+        ``sample_tokens``); each costs two passes over them per configuration.
     :param seed: seed for every random choice of the solvers.
     :param objective: ``layer`` (the default: candidates from layer statistics, one
         configuration chosen on the calibration loss; no training) or ``model``
@@ -255,11 +256,15 @@ class LearnedPermutationModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_scoring_tokens(self):
-        if self.scoring_tokens > self.sample_tokens:
+        if "scoring_tokens" in self.model_fields_set and self.scoring_tokens > self.sample_tokens:
             raise ValueError(
                 f"scoring_tokens={self.scoring_tokens} exceeds sample_tokens={self.sample_tokens}: configurations "
                 "are scored on the sample's leading tokens; raise sample_tokens or lower scoring_tokens")
         return self
+
+    def _scoring_tokens(self) -> int:
+        """The default never exceeds a smaller ``sample_tokens`` (a set value that does is refused)."""
+        return min(self.scoring_tokens, self.sample_tokens)
 
     @model_validator(mode="after")
     def _check_solver_args(self):
@@ -335,7 +340,7 @@ class LearnedPermutationModifier(Modifier):
                         if self.simulate_sparsegpt_update else PrunerModel(self._score_kind, self._n, self._m)),
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
-                scoring_tokens=self.scoring_tokens,
+                scoring_tokens=self._scoring_tokens(),
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -390,7 +395,7 @@ class LearnedPermutationModifier(Modifier):
             "candidates": list(self.candidates) if self.method == "select" else [self.method],
             "score": getattr(self, "_score_kind", self.score),
             "sample_tokens": self.sample_tokens,
-            "scoring_tokens": self.scoring_tokens,
+            "scoring_tokens": self._scoring_tokens(),
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",
