@@ -42,9 +42,7 @@ SEED_ZERO_LABELS = {"default": "default (select)", "ria": "ria", "greedy": "gree
 SEEDED_LABELS = {"default": "select, solver seed {}", "ria": "method ria, solver seed {}",
                  "greedy": "method greedy, solver seed {}"}
 KEYS = ("held_out_ppl", "wikitext2_ppl", "held_out_kl")
-
-
-RUN_METHODS = {"select": "default", "ria": "ria", "greedy": "greedy"}
+RUN_METHODS = {"select": "default", "ria": "ria", "greedy": "greedy"}  # run.py's method -> ours
 
 
 def read_any(path: Path, pruner: str) -> list[dict]:
@@ -91,15 +89,15 @@ def run_grid(rows: dict, solver_seeds: list[int]) -> tuple[dict, set, set]:
                                                       "choice_inferred": reported is None}
             for method in METHODS[1:]:
                 row = rows.get((label(method, solver), cal))
-                if row is not None and reported == method:
-                    checked.add((cal, solver, method))
-                if row is not None and chosen == method and not math.isclose(row["held_out_kl"], default["held_out_kl"], rel_tol=1e-9):
+                if chosen == method and row is None:
+                    row = default
+                    filled.add((cal, solver, method))
+                elif chosen == method and not math.isclose(row["held_out_kl"], default["held_out_kl"], rel_tol=1e-9):
                     raise SystemExit(f"calibration seed {cal}, solver seed {solver}: the default chose {method}'s "
                                      f"configuration but its KL {default['held_out_kl']} differs from the {method} "
                                      f"method's {row['held_out_kl']}: not the same model")
-                if row is None and chosen == method:
-                    row = default
-                    filled.add((cal, solver, method))
+                elif chosen == method and reported == method:
+                    checked.add((cal, solver, method))
                 if row is not None:
                     grid[cal, solver, method] = row
     return grid, filled, checked
