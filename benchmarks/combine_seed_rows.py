@@ -56,10 +56,15 @@ def table(rows: dict[tuple[str, int], dict], variants: tuple[str, ...] = VARIANT
 
 
 def _mean_share(rows: dict, seeds: list[int], label: str, key: str) -> float:
-    """Mean over seeds of ``(alone - variant) / (alone - dense)`` for perplexity ``key``."""
-    shares = [(rows["pruner alone", seed][key] - rows[label, seed][key])
-              / (rows["pruner alone", seed][key] - rows["dense", seed][key]) for seed in seeds]
+    """Mean over seeds of ``gap_share`` for perplexity ``key``."""
+    shares = [gap_share(rows, rows[label, seed], seed, key) for seed in seeds]
     return sum(shares) / len(shares)
+
+
+def gap_share(rows: dict, row: dict, seed: int, key: str) -> float:
+    """``(alone - row) / (alone - dense)`` for perplexity ``key`` on ``seed``'s texts."""
+    alone, dense = rows["pruner alone", seed][key], rows["dense", seed][key]
+    return (alone - row[key]) / (alone - dense)
 
 
 def main(argv=None) -> int:

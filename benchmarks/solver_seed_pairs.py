@@ -35,7 +35,7 @@ import re
 import sys
 from pathlib import Path
 
-from combine_seed_rows import read_rows
+from combine_seed_rows import gap_share, read_rows
 
 METHODS = ("default", "ria", "greedy")
 SEED_ZERO_LABELS = {"default": "default (select)", "ria": "ria", "greedy": "greedy"}
@@ -113,9 +113,9 @@ def _same_model(default: dict, rows: dict, cal: int, solver: int) -> str | None:
 
 
 def share(rows: dict, row: dict, cal: int, key: str) -> float | None:
-    """The share of the pruner-alone gap to dense that ``row`` closes (None where pruning left no gap)."""
-    alone, dense = rows["pruner alone", cal][key], rows["dense", cal][key]
-    return (alone - row[key]) / (alone - dense) if alone > dense else None
+    """``gap_share``, None where pruning left no gap (it lowered that text's perplexity)."""
+    gap = rows["pruner alone", cal][key] > rows["dense", cal][key]
+    return gap_share(rows, row, cal, key) if gap else None
 
 
 def cell(row: dict | None) -> str:
