@@ -87,6 +87,11 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # configurations scored on the whole 8,192-token sample instead of its first 2,048 tokens: does a longer
         # score pick the better of the default's candidates more often (the methods' rows above say which is)?
         *seeded("select, 8192 scored tokens", (0, 1, 2), ("scoring_tokens", 8192)),
+        # residual rows weighted by the dense model's loss sensitivity (plugin/sensitivity.py), at each solver seed,
+        # and the candidates as methods with it (paired with the default's rows as above)
+        *seeded("select, fisher residual", (0, 1, 2), ("residual_weighting", "fisher")),
+        *[row for method in ("ria", "greedy")
+          for row in seeded(f"method {method}, fisher residual", (0, 1, 2), ("residual_weighting", "fisher"), method=method)],
         # which sites the default's gain and its spread come from
         *seeded("select, residual site only", (0, 1, 2), ("sites", ("residual",))),
         *seeded("select, per-layer sites only", (0, 1, 2), ("sites", ("mlp", "attn_vo"))),

@@ -141,6 +141,11 @@ class LearnedPermutationModifier(Modifier):
     :param scoring_tokens: ``select`` only: the sample's leading tokens each configuration is
         scored on (at most ``sample_tokens``; the default, 2,048, is cut to a smaller
         ``sample_tokens``); each costs two passes over them per configuration.
+    :param residual_weighting: how the residual readers' rows enter the residual solves: ``none``
+        (a uniform random sample, every row's error counted alike) or ``fisher`` (each row weighted by
+        the dense model's loss sensitivity to its output, the squared gradient of the cross-entropy on
+        the ``scoring_tokens`` rows, and the heaviest rows kept; one extra forward and backward sweep
+        over those rows, layer by layer; ``learned_permutation.plugin.sensitivity``).
     :param seed: seed for every random choice of the solvers.
     :param objective: ``layer`` (the default: candidates from layer statistics, one
         configuration chosen on the calibration loss; no training) or ``model``
@@ -188,6 +193,7 @@ class LearnedPermutationModifier(Modifier):
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     sample_tokens: int = Field(default=8192, ge=64)
     scoring_tokens: int = Field(default=SCORING_TOKENS, ge=64)
+    residual_weighting: Literal["none", "fisher"] = "none"
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
@@ -341,6 +347,7 @@ class LearnedPermutationModifier(Modifier):
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
                 scoring_tokens=self._scoring_tokens(),
+                residual_weighting=self.residual_weighting,
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -396,6 +403,7 @@ class LearnedPermutationModifier(Modifier):
             "score": getattr(self, "_score_kind", self.score),
             "sample_tokens": self.sample_tokens,
             "scoring_tokens": self._scoring_tokens(),
+            "residual_weighting": self.residual_weighting,
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",

@@ -7,6 +7,12 @@ so that the whole sample holds as many rows as one decoder layer's readers, and 
 ``RESIDUAL_SAMPLE_ROWS``. Rows enter the objective independently (the N:M mask is per row), so the
 sample's objective is an unbiased estimate of the full one (up to a constant factor), and memory stays
 within one layer of readers whatever the depth, and a fixed number of rows whatever the width.
+
+With each row's loss sensitivity at hand (``plugin/sensitivity.py``), rows are weighted by it instead
+(scaled by its square root, so that a row's reconstruction error counts in proportion to the loss it
+costs) and the sample keeps the rows of largest weighted output energy, as many as a random one would:
+the sensitivity spans orders of magnitude between layers, so a uniform sample would spend most of its
+rows on errors the loss barely sees.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ class ReaderRowSample:
     def __init__(self, num_layers: int, total_rows: int, seed: int, device: torch.device | str = "cpu",
                  max_rows: int = RESIDUAL_SAMPLE_ROWS):
         self.rate = min(1.0 / max(1, num_layers), max_rows / max(1, total_rows))
+        self.capacity = max(1, round(self.rate * total_rows))
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
         self.consumers: list[Consumer] = []
 
-    def add(self, weight: torch.Tensor, act_sq: torch.Tensor) -> None:
-        """Sample rows of one reader's weight (read while its layer is onloaded)."""
+    def add(self, weight: torch.Tensor, act_sq: torch.Tensor, sensitivity: torch.Tensor | None = None) -> None:
+        """Sample rows of one reader's weight (read while its layer is onloaded); with ``sensitivity`` (one
+        value per row), weighted rows, keeping the heaviest ``capacity`` rows of all readers so far."""
+        if sensitivity is not None:
+            self._keep_heaviest(weight, act_sq, sensitivity)
+            return
         rows = weight.shape[0]
         count = max(1, round(rows * self.rate))
         chosen = torch.randperm(rows, generator=self.generator)[:count].sort().values
@@ -48,3 +59,16 @@ class ReaderRowSample:
     @property
     def sampled_rows(self) -> int:
         return sum(consumer.weight.shape[0] for consumer in self.consumers)
+
+    def _keep_heaviest(self, weight: torch.Tensor, act_sq: torch.Tensor, sensitivity: torch.Tensor) -> None:
+        act_sq = act_sq.detach().float().to(self.device)
+        scaled = weight.detach().float().to(self.device) * sensitivity.float().sqrt().to(self.device)[:, None]
+        self.consumers.append(Consumer(weight=scaled, act_sq=act_sq))
+        energies = [consumer.weight.square() @ consumer.act_sq for consumer in self.consumers]
+        every = torch.cat(energies)
+        if every.numel() <= self.capacity:
+            return
+        threshold = every.topk(self.capacity).values[-1]
+        kept = [Consumer(weight=consumer.weight[energy >= threshold], act_sq=consumer.act_sq)
+                for consumer, energy in zip(self.consumers, energies)]
+        self.consumers = [consumer for consumer in kept if consumer.weight.shape[0]]

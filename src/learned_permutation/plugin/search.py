@@ -49,6 +49,7 @@ from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
 from learned_permutation.plugin.selection import SimulatedPruning, leading_rows, scored_final_hidden
+from learned_permutation.plugin.sensitivity import output_row_fisher
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.structure import PermutationSite, fold_permutations
 from learned_permutation.structure.offload import read_parameter
@@ -74,7 +75,8 @@ def parse_candidate(name: str) -> tuple[list[str], str | None]:
 class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
     more than one; ``solver_args`` maps a solver name to its knobs; ``scoring_tokens``: the sample's leading
-    tokens the configurations are scored on; ``end_to_end``: the budget of the end-to-end learning that
+    tokens the configurations are scored on; ``residual_weighting``: ``fisher`` weights the residual readers'
+    rows by their loss sensitivity (``plugin/sensitivity.py``), ``none`` samples them uniformly; ``end_to_end``: the budget of the end-to-end learning that
     follows (None: none)."""
 
     candidates: tuple[str, ...]
@@ -82,6 +84,7 @@ class SearchSettings:
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
     scoring_tokens: int = SCORING_TOKENS
+    residual_weighting: str = "none"
     end_to_end: EndToEndArgs | None = None
 
 
@@ -116,7 +119,8 @@ class PermutationSearch:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         start = time.perf_counter()
         scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
-        energy, readers, dense = self._layer_pass(sample, device, scored)
+        sensitivity = self._residual_sensitivity(scoring, device)
+        energy, readers, dense = self._layer_pass(sample, device, scored, sensitivity)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
             self._solve_residual(energy, readers)
@@ -126,10 +130,28 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ layer pass
 
-    def _layer_pass(self, sample: dict, device, scored: int) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
+    def _residual_sensitivity(self, scoring: dict, device) -> dict[nn.Module, torch.Tensor]:
+        """With ``residual_weighting: fisher``, each residual reader's per-row loss sensitivity on the
+        scored rows (one forward and one backward sweep over them, layer by layer); else nothing."""
+        if self.residual is None or self.settings.residual_weighting != "fisher":
+            return {}
+        start = time.perf_counter()
+        readers = self._layer_readers()
+        with HooksMixin.disable_hooks():
+            fisher = output_row_fisher(self.model, scoring, readers, device)
+        self.phases["residual sensitivity"] = time.perf_counter() - start
+        return fisher
+
+    def _layer_readers(self) -> list[list[nn.Module]]:
+        """The targeted residual readers inside each decoder layer."""
+        readers = self.targeted(self.residual)
+        return [[m for m in readers if _is_inside(m, layer)] for layer in self.model.get_decoder().layers]
+
+    def _layer_pass(self, sample: dict, device, scored: int,
+                    sensitivity: dict[nn.Module, torch.Tensor]) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
         """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
         states at the ``scored`` positions the configuration passes score (nothing is folded before the
-        whole pass has run)."""
+        whole pass has run); residual rows weighted by ``sensitivity`` where given."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
@@ -141,10 +163,10 @@ class PermutationSearch:
         if hessians is not None:
             for site in self.layer_sites:
                 handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
-        layer_readers = [[m for m in residual_readers if _is_inside(m, layer)] for layer in layers]
+        layer_readers = [] if self.residual is None else self._layer_readers()
 
         def finish(index: int) -> None:
-            self._finish_layer(index, hessians, energy, readers, layer_readers[index])
+            self._finish_layer(index, hessians, energy, readers, layer_readers[index] if layer_readers else [], sensitivity)
 
         try:
             with HooksMixin.disable_hooks(keep=handles):
@@ -156,7 +178,7 @@ class PermutationSearch:
             raise RuntimeError(f"LearnedPermutationModifier: the calibration pass never reached {missing}")
         return energy, readers, dense
 
-    def _finish_layer(self, index, hessians: InputStatistics | None, energy, readers, layer_readers) -> None:
+    def _finish_layer(self, index, hessians: InputStatistics | None, energy, readers, layer_readers, sensitivity) -> None:
         """Solve the layer's sites from its Hessians (dropped afterwards), or from the input energies
         when the pruner's score needs no Hessian; then sample the layer's residual readers."""
         for site in [s for s in self.layer_sites if s.layer_index == index]:
@@ -166,7 +188,7 @@ class PermutationSearch:
                 self._solve_layer_site(site, stats)
         for module in layer_readers:
             if module in energy.sums:
-                readers.add(read_parameter(module, "weight"), energy.sums[module])
+                readers.add(read_parameter(module, "weight"), energy.sums[module], sensitivity.get(module))
 
     def _solve_layer_site(self, site: PermutationSite, stats: dict) -> None:
         start = time.perf_counter()

@@ -1,0 +1,119 @@
+"""How much the dense model's calibration loss moves per unit of error in each output row of a Linear.
+
+The residual permutation is shared by every q/k/v/gate/up_proj of every layer, and the pruning error it
+trades between them does not matter equally: an error in an early layer's readers is carried by every
+later layer. The layer-wise objective weights every row's error alike and ranks residual orders no better
+than chance (results/ablations/residual_signal_smollm2.md). Weighting each row by the empirical Fisher
+information of its output, the squared gradient of the dense model's next-token cross-entropy summed over
+calibration tokens, is the diagonal second-order estimate of the loss that row's error costs.
+
+The gradients come from one forward and one backward sweep over a few calibration rows, layer by layer:
+the forward keeps each decoder layer's input hidden states (tokens x hidden per layer, in the model's
+dtype); the backward onloads one layer at a time, recomputes it from its kept input and passes the gradient
+on. Autograd never holds more than one layer's activations for one row chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.utils import patch_attr
+from torch import nn
+
+from llmcompressor.utils.dev import get_main_device
+from llmcompressor.utils.helpers import disable_cache, eval_context
+
+from learned_permutation.plugin.selection import (
+    LAYER_CHUNK_TOKENS,
+    _attention_mask,
+    _layer_inputs,
+    _layer_output,
+    head_chunk_tokens,
+    head_losses,
+    predicting_positions,
+)
+
+__all__ = ["output_row_fisher"]
+
+
+def output_row_fisher(
+    model: nn.Module, batch: dict, modules: list[list[nn.Linear]], device: torch.device | str | None = None
+) -> dict[nn.Linear, torch.Tensor]:
+    """Per output row of each Linear of ``modules`` (``modules[i]``: Linears inside decoder layer ``i``), the
+    sum over ``batch``'s predicting positions of the squared gradient of the dense model's next-token
+    cross-entropy with respect to that row's output (fp32, on the CPU)."""
+    device = get_main_device() if device is None else device
+    decoder = model.get_decoder()
+    layers = list(decoder.layers)
+    mask = _attention_mask(batch)
+    rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
+    fisher = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
+    with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
+        chunks, masks = [], mask.split(rows)
+        with torch.no_grad():
+            for ids, part in zip(batch["input_ids"].split(rows), masks):
+                chunks.append(_layer_inputs(decoder, layers, ids.to(device), part.to(device)))
+            kept = []  # kept[index][chunk]: layer ``index``'s input
+            for index, layer in enumerate(layers):
+                kept.append([chunk.hidden for chunk in chunks])
+                with disable_offloading():
+                    for chunk in chunks:
+                        args, kwargs = chunk.calls[index]
+                        chunk.hidden = _layer_output(layer(chunk.hidden, *args, **kwargs))
+        labels = [ids[:, 1:][predicting_positions(part)] for ids, part in zip(batch["input_ids"].split(rows), masks)]
+        gradients = [_loss_gradient(decoder.norm, model.get_output_embeddings(), chunk.hidden, part.to(device),
+                                    label.to(device)) for chunk, part, label in zip(chunks, masks, labels)]
+        for index in reversed(range(len(layers))):
+            with disable_offloading(), _squared_output_gradients(modules[index], fisher):
+                gradients = [_input_gradient(layers[index], hidden, chunk.calls[index], gradient)
+                             for hidden, chunk, gradient in zip(kept[index], chunks, gradients)]
+            kept[index] = None
+    return fisher
+
+
+def _loss_gradient(norm: nn.Module, head: nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Gradient of the summed next-token cross-entropy with respect to the last layer's output,
+    ``head_chunk_tokens`` positions at a time so the logits never exceed one chunk."""
+    hidden = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scored = norm(hidden)[:, :-1][predicting_positions(mask)]
+        tokens = head_chunk_tokens(head.weight.shape[0])
+        parts = list(zip(scored.split(tokens), labels.split(tokens)))
+        for number, (part, label) in enumerate(parts):
+            head_losses(head, part, label)[0].backward(retain_graph=number < len(parts) - 1)
+    return hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+
+
+def _input_gradient(layer: nn.Module, hidden: torch.Tensor, call: tuple, gradient: torch.Tensor) -> torch.Tensor:
+    """The layer recomputed from its kept input; the gradient passed from its output to its input."""
+    args, kwargs = call
+    hidden = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = _layer_output(layer(hidden, *args, **kwargs))
+        (gradient_in,) = torch.autograd.grad(output, hidden, gradient)
+    return gradient_in
+
+
+@contextlib.contextmanager
+def _squared_output_gradients(modules: list[nn.Linear], fisher: dict):
+    """While open, each of ``modules`` adds its output gradient's squares, summed over tokens, to ``fisher``."""
+
+    def capture(module, _inputs, output):
+        if output.requires_grad:
+            output.register_hook(partial(_accumulate, fisher[module]))
+
+    handles = [module.register_forward_hook(capture) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
+    """Adds the squares of an output gradient, summed over tokens, to ``total`` (the gradient unchanged)."""
+    total.add_(grad.detach().float().square().flatten(0, -2).sum(0).cpu())
