@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     site = next(s for s in find_sites(model, M, kinds=("residual",)))
     readers = [named.module for named in site.consumer_modules if named.module in originals]
     every_row = [Consumer(weight=originals[r].float(), act_sq=act_sq[r]) for r in readers]
-    rows = ReaderRowSample(model.config.num_hidden_layers, seed=0)
+    rows = ReaderRowSample(model.config.num_hidden_layers, sum(r.out_features for r in readers), seed=0)
     for reader in readers:
         rows.add(originals[reader], act_sq[reader])
     problem = dict(n=N, m=M, score_kind=SCORE)

@@ -163,3 +163,30 @@ def test_a_candidate_with_its_own_score_is_its_solver_on_that_score():
     assert torch.equal(found["ria+greedy@wanda"], solve_permutation(
         consumers, 2, 4, "wanda", "greedy", init=found["ria@wanda"]))
     assert not torch.equal(found["ria"], found["ria@wanda"])
+
+
+def test_fisher_weighting_feeds_every_residual_reader_its_rows_sensitivity(llama_dir, tmp_path, monkeypatch):
+    """With ``residual_weighting: fisher`` each reader's rows reach the residual sample with one sensitivity
+    per row, from the sweep the report times; with the default, none."""
+    calls = {}
+    original = ReaderRowSample.add
+
+    def recording(self, weight, act_sq, sensitivity=None):
+        calls[weight.shape] = calls.get(weight.shape, []) + [sensitivity]
+        return original(self, weight, act_sq, sensitivity)
+
+    monkeypatch.setattr(ReaderRowSample, "add", recording)
+    for weighting in ("fisher", "none"):
+        calls.clear()
+        recipe = [LearnedPermutationModifier(mask_structure="2:4", sites=["residual"], residual_weighting=weighting),
+                  WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
+        run_oneshot(llama_dir, recipe, output_dir=tmp_path / weighting)
+        report = json.loads((tmp_path / weighting / REPORT_FILE).read_text())
+        sensitivities = [s for found in calls.values() for s in found]
+        assert report["residual_weighting"] == weighting and sensitivities
+        if weighting == "fisher":
+            assert all(s is not None and s.shape == (shape[0],) and s.sum() > 0
+                       for shape, found in calls.items() for s in found)
+            assert report["phase_seconds"]["residual sensitivity"] > 0
+        else:
+            assert all(s is None for s in sensitivities) and "residual sensitivity" not in report["phase_seconds"]
