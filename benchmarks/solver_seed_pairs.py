@@ -19,7 +19,10 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
 3. per selector (the default, and ``--selectors`` rows such as ``select, 8192 scored tokens, solver seed K``,
    ``--selection-only`` rows suffice): in how many runs it chose the candidate with the lowest held-out KL, and
    the mean held-out KL of its choices next to the best candidate's and each fixed method's;
-4. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+4. with ``--against PREFIX``: a contender (rows ``PREFIX, solver seed K`` at every K, 0 included, e.g. the
+   default with another setting) paired with the default, ``ria`` and ``greedy`` over the runs where it and
+   they were measured;
+5. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
 
@@ -194,6 +197,32 @@ def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
     return lines
 
 
+def contender_table(rows: dict, grid: dict, prefix: str) -> list[str]:
+    """``prefix``'s rows against each method's, paired over the runs where both exist (negative: it is better)."""
+    lines = [f"`{prefix}` against each method, paired run by run (negative KL difference: the contender is lower):", "",
+             "| against | runs | contender: C4 / WikiText-2 gap closed, mean KL | method: C4 / WikiText-2 gap closed, "
+             "mean KL | contender's KL wins / ties / losses, paired KL difference (mean ± standard error) |",
+             "|---|---|---|---|---|"]
+
+    def summary(pairs: list[tuple[int, dict]]) -> str:
+        shares = [[share(rows, row, cal, key) for cal, row in pairs] for key in KEYS[:2]]
+        shares = ["-" if None in found else f"{100 * sum(found) / len(found):.1f}%" for found in shares]
+        return f"{shares[0]} / {shares[1]}, {sum(row['held_out_kl'] for _, row in pairs) / len(pairs):.4f}"
+
+    for method in METHODS:
+        runs = [(cal, solver) for cal, solver, m in sorted(grid) if m == method
+                and (f"{prefix}, solver seed {solver}", cal) in rows]
+        if not runs:
+            continue
+        ours = [(cal, rows[f"{prefix}, solver seed {solver}", cal]) for cal, solver in runs]
+        theirs = [(cal, grid[cal, solver, method]) for cal, solver in runs]
+        diffs = [a["held_out_kl"] - b["held_out_kl"] for (_, a), (_, b) in zip(ours, theirs)]
+        record = (f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / "
+                  f"{sum(d > 1e-12 for d in diffs)}, {_mean_and_error(diffs)}")
+        lines.append(f"| {method} | {len(runs)} | {summary(ours)} | {summary(theirs)} | {record} |")
+    return lines
+
+
 def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     """Per calibration set: the lowest calibration KL among every solver seed's candidate configurations."""
     lines = ["| calibration seed | chosen among seeds (calibration KL) | its model: C4 / WikiText-2 (KL) | "
@@ -225,6 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--solver-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--selectors", nargs="+", default=[],
                         help="label prefixes of other select rows (``<prefix>, solver seed K``) to judge as selectors")
+    parser.add_argument("--against", help="label prefix of a contender's rows (``<prefix>, solver seed K``)")
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], dict] = {}
@@ -239,6 +269,8 @@ def main(argv=None) -> int:
           f"In {inferred} runs the rows do not name the choice: it is the candidate with the default's very KL.\n")
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
     print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
+    if args.against:
+        print("\n".join(contender_table(rows, grid, args.against)), "\n")
     print("\n".join(best_of_seeds(rows, grid, args.solver_seeds)))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from solver_seed_pairs import run_grid, selector_table
+from solver_seed_pairs import contender_table, run_grid, selector_table
 
 
 def row(label: str, seed: int, kl: float, chosen: str | None = None) -> dict:
@@ -36,3 +36,16 @@ def test_a_run_py_default_is_the_candidate_with_its_very_kl_and_the_selector_is_
     assert not checked  # inferred, so not a check
     scored = selector_table(rows, grid, [])[-1].split(" | ")
     assert scored[1:4] == ["1", "0", "1.5000"] and scored[4] == "1.4000"  # one run, a wrong choice; the best
+
+
+def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured():
+    rows = keyed(row("default (select)", 0, 1.5, "ria"), row("greedy", 0, 1.4),
+                 row("select, solver seed 1", 0, 1.7, "greedy"), row("method ria, solver seed 1", 0, 1.9),
+                 row("select, fisher, solver seed 0", 0, 1.3), row("select, fisher, solver seed 1", 0, 1.8),
+                 row("pruner alone", 0, 2.0), row("dense", 0, 0.0))
+    grid, _, _ = run_grid(rows, [0, 1])
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in contender_table(rows, grid, "select, fisher")[4:]}
+    # the default's model stands for ria's at solver seed 0 and greedy's at 1, where it chose them
+    assert table["default"][1] == "2" and table["default"][4].startswith("1 / 0 / 1, -0.0500 ± 0.1500")
+    assert table["ria"][4].startswith("2 / 0 / 0, -0.1500 ± 0.0500")  # 1.3 - 1.5 and 1.8 - 1.9
+    assert table["greedy"][4].startswith("1 / 0 / 1, +0.0000 ± 0.1000")  # 1.3 - 1.4 and 1.8 - 1.7
