@@ -3,7 +3,9 @@
 The residual site is read by every q/k/v/gate/up_proj, so it is the one site whose candidates cannot be
 judged inside one layer. Candidates (per-layer sites left as stored): identity, ria and greedy solved on
 the row sample the modifier uses (``plugin/residual_sample.py``) with select's and with greedy's own
-knobs, ria and greedy on every reader row, and random orders for spread. For each, with every Linear
+knobs, ria and greedy on every reader row, ria and greedy on the rows weighted by their loss sensitivity
+(``residual_weighting: fisher``: ``plugin/sensitivity.py`` on the sample's first 2,048 tokens, the heaviest
+rows kept), and random orders for spread. For each, with every Linear
 masked as Wanda would mask it in that order (no weight update):
 
 - layer-wise objective (Wanda-weighted reconstruction error) on every reader row and on the row sample,
@@ -12,7 +14,7 @@ masked as Wanda would mask it in that order (no weight update):
 
 Then the Spearman correlation of each signal with held-out KL, over the candidates.
 
-    python benchmarks/residual_signal.py --threads 2     # about 20 minutes on 2 cores
+    python benchmarks/residual_signal.py --threads 2     # about 25 minutes on 2 cores
 
 Writes ``results/ablations/residual_signal_smollm2.md`` and ``.json``.
 """
@@ -37,7 +39,9 @@ from learned_permutation.math import nm_mask, reconstruction_error, solve_permut
 from learned_permutation.math.objectives import Consumer, mask_in_original_order  # noqa: E402
 from learned_permutation.math import score as pruning_score  # noqa: E402
 from learned_permutation.plugin.residual_sample import ReaderRowSample  # noqa: E402
-from learned_permutation.plugin.selection import calibration_sample, head_losses  # noqa: E402
+from learned_permutation.plugin.search import SCORING_TOKENS  # noqa: E402
+from learned_permutation.plugin.selection import calibration_sample, head_losses, leading_rows  # noqa: E402
+from learned_permutation.plugin.sensitivity import output_row_fisher  # noqa: E402
 from learned_permutation.plugin.statistics import InputStatistics  # noqa: E402
 from learned_permutation.structure import find_sites  # noqa: E402
 from learned_permutation.tools.data import parquet_dataset, shared_data_dir  # noqa: E402
@@ -104,11 +108,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--random", type=int, default=2, help="random residual orders added for spread")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="calibration set (C4 documents shuffled with it)")
     parser.add_argument("--output", type=Path, default=REPO / "results" / "ablations" / "residual_signal_smollm2")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    model_dir, tokenizer, full, held_out = smollm2_calibration(args.num_samples, args.seq_len)
+    model_dir, tokenizer, full, held_out = smollm2_calibration(args.num_samples, args.seq_len, args.seed)
     model, dense = load_model(model_dir), load_model(model_dir)
     sample = calibration_sample([full], args.sample_tokens)
     linears, act_sq, _ = energies(model, full)
@@ -122,6 +127,12 @@ def main(argv=None) -> int:
         rows.add(originals[reader], act_sq[reader])
     problem = dict(n=N, m=M, score_kind=SCORE)
     ria_sampled = solve_permutation(rows.consumers, method="ria", **problem)
+    layers = model.get_decoder().layers
+    per_layer = [[r for r in readers if any(r is m for m in layer.modules())] for layer in layers]
+    fisher = output_row_fisher(model, leading_rows(sample, SCORING_TOKENS)[0], per_layer, "cpu")
+    weighted = ReaderRowSample(len(layers), sum(r.out_features for r in readers), seed=0)
+    for reader in readers:
+        weighted.add(originals[reader], act_sq[reader], fisher[reader])
     solve_start = time.time()
     candidates = {
         "identity": torch.arange(site.size),
@@ -129,6 +140,8 @@ def main(argv=None) -> int:
         "greedy from ria, 256 rows, 1 sweep (row sample)": solve_permutation(
             rows.consumers, method="greedy", init=ria_sampled, rows=256, sweeps=1, **problem),
         "greedy defaults (row sample)": solve_permutation(rows.consumers, method="greedy", **problem),
+        "ria (fisher-weighted rows)": solve_permutation(weighted.consumers, method="ria", **problem),
+        "greedy defaults (fisher-weighted rows)": solve_permutation(weighted.consumers, method="greedy", **problem),
         "ria (every row)": solve_permutation(every_row, method="ria", **problem),
         "greedy defaults (every row)": solve_permutation(every_row, method="greedy", **problem),
     }
