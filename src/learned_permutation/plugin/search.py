@@ -117,9 +117,9 @@ class PermutationSearch:
 
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
-        start = time.perf_counter()
         scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
         sensitivity = self._residual_sensitivity(scoring, device)
+        start = time.perf_counter()
         energy, readers, dense = self._layer_pass(sample, device, scored, sensitivity)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
