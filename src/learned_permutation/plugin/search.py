@@ -11,7 +11,10 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
    solvers and the layer-wise objectives), the Hessians are dropped, and the layer's residual readers contribute
    sampled rows (``plugin/residual_sample.py``). Extra memory: one layer's Hessians, the sample's hidden
    states and one chunk's activations inside a layer.
-2. Residual: each candidate solver permutes the residual stream from the sampled rows.
+2. Residual: each candidate solver permutes the residual stream from the sampled rows. With
+   ``residual_weighting: fisher`` the rows are weighted by the dense model's loss sensitivity to them,
+   from one forward and backward sweep over the ``scoring_tokens`` rows before the layer pass
+   (``plugin/sensitivity.py``), and the heaviest are kept.
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
