@@ -41,7 +41,7 @@ MODIFIER_FUNCTIONS = [
     "learned_permutation.math.solvers:SOLVERS[greedy]", "learned_permutation.math.solvers:SOLVERS[ria]",
     f"{SEARCH}:PermutationSearch._objectives", f"{SEARCH}:PermutationSearch._solve_residual",
     f"{SEARCH}:PermutationSearch._choose_configuration", f"{SEARCH}:fold_permutations",
-    f"{SELECTION}:SimulatedPruning._pruned_forward", f"{SELECTION}:head_losses", f"{SELECTION}:_layer_inputs",
+    f"{SELECTION}:SimulatedPruning._pruned_forward", f"{SELECTION}:head_losses", f"{SELECTION}:layer_inputs",
     "learned_permutation.plugin.residual_sample:ReaderRowSample.add", "learned_permutation.plugin.statistics:InputStatistics.hook",
 ]
 GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}

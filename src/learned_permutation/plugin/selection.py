@@ -53,6 +53,11 @@ __all__ = [
     "leading_rows",
     "predicting_positions",
     "prediction_losses",
+    "attention_mask_of",
+    "layer_inputs",
+    "layer_output",
+    "LAYER_CHUNK_TOKENS",
+    "head_chunk_tokens",
 ]
 
 # Logits are computed for this many (token, vocabulary entry) pairs at a time: 8 MiB per fp32 tensor, and the
@@ -313,9 +318,9 @@ def scored_final_hidden(
     decoder = model.get_decoder()
     layers = list(decoder.layers)
     rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
-    masks = _attention_mask(batch).to(device).split(rows)
+    masks = attention_mask_of(batch).to(device).split(rows)
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        chunks = [_layer_inputs(decoder, layers, ids.to(device), mask)
+        chunks = [layer_inputs(decoder, layers, ids.to(device), mask)
                   for ids, mask in zip(batch["input_ids"].split(rows), masks)]
         for index, layer in enumerate(layers):
             with disable_offloading():  # the layer's weights onloaded once for all its chunks, released after
@@ -338,7 +343,7 @@ def _run_layer(layer: nn.Module, index: int, chunks: list[_LayerInputs], keep: b
     """Layer ``index`` on every chunk; ``keep``: its outputs become the chunks' hidden states."""
     for chunk in chunks:
         args, kwargs = chunk.calls[index]
-        output = _layer_output(layer(chunk.hidden, *args, **kwargs))
+        output = layer_output(layer(chunk.hidden, *args, **kwargs))
         if keep:
             chunk.hidden = output
 
@@ -352,7 +357,7 @@ class _LayerInputs:
     calls: list[tuple[tuple, dict]]
 
 
-def _layer_inputs(decoder: nn.Module, layers: list[nn.Module], input_ids, attention_mask) -> _LayerInputs:
+def layer_inputs(decoder: nn.Module, layers: list[nn.Module], input_ids, attention_mask) -> _LayerInputs:
     """The decoder's own forward with every layer an identity that records its call: the embeddings and
     each layer's arguments as the decoder builds them, at the cost of the embedding lookup."""
     calls, embedded = [], []
@@ -372,7 +377,7 @@ def _layer_inputs(decoder: nn.Module, layers: list[nn.Module], input_ids, attent
     return _LayerInputs(embedded[0], calls)
 
 
-def _layer_output(output) -> torch.Tensor:
+def layer_output(output) -> torch.Tensor:
     """A decoder layer's hidden states (transformers 5 returns them alone, earlier versions in a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -389,7 +394,7 @@ def prediction_losses(
     dense model's ``scored_final_hidden`` on it, mean KL(dense || model) (``kl``): the divergence sees the
     whole predicted distribution rather than one sampled token, so it ranks candidates with far less
     noise than the cross-entropy on the same tokens. ``observe``: as in ``scored_final_hidden``."""
-    batch = {**batch, "attention_mask": _attention_mask(batch)}
+    batch = {**batch, "attention_mask": attention_mask_of(batch)}
     hidden = scored_final_hidden(model, batch, device, observe=observe)
     if hidden.shape[0] == 0:
         raise ValueError("the calibration data holds no pair of consecutive tokens to score")
@@ -401,6 +406,7 @@ def prediction_losses(
     return losses
 
 
-def _attention_mask(batch: dict) -> torch.Tensor:
+def attention_mask_of(batch: dict) -> torch.Tensor:
+    """The batch's attention mask, all ones where it has none."""
     mask = batch.get("attention_mask")
     return torch.ones_like(batch["input_ids"]) if mask is None else mask

@@ -29,9 +29,9 @@ from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.plugin.selection import (
     LAYER_CHUNK_TOKENS,
-    _attention_mask,
-    _layer_inputs,
-    _layer_output,
+    attention_mask_of,
+    layer_inputs,
+    layer_output,
     head_chunk_tokens,
     head_losses,
     predicting_positions,
@@ -49,21 +49,21 @@ def output_row_fisher(
     device = get_main_device() if device is None else device
     decoder = model.get_decoder()
     layers = list(decoder.layers)
-    mask = _attention_mask(batch)
+    mask = attention_mask_of(batch)
     rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
     fisher = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
         chunks, masks = [], mask.split(rows)
         with torch.no_grad():
             for ids, part in zip(batch["input_ids"].split(rows), masks):
-                chunks.append(_layer_inputs(decoder, layers, ids.to(device), part.to(device)))
+                chunks.append(layer_inputs(decoder, layers, ids.to(device), part.to(device)))
             kept = []  # kept[index][chunk]: layer ``index``'s input, in host memory until its layer is recomputed
             for index, layer in enumerate(layers):
                 kept.append([chunk.hidden.cpu() for chunk in chunks])
                 with disable_offloading():
                     for chunk in chunks:
                         args, kwargs = chunk.calls[index]
-                        chunk.hidden = _layer_output(layer(chunk.hidden, *args, **kwargs))
+                        chunk.hidden = layer_output(layer(chunk.hidden, *args, **kwargs))
         labels = [ids[:, 1:][predicting_positions(part)] for ids, part in zip(batch["input_ids"].split(rows), masks)]
         gradients = [_loss_gradient(decoder.norm, model.get_output_embeddings(), chunk.hidden, part.to(device),
                                     label.to(device)) for chunk, part, label in zip(chunks, masks, labels)]
@@ -94,7 +94,7 @@ def _input_gradient(layer: nn.Module, hidden: torch.Tensor, call: tuple, gradien
     args, kwargs = call
     hidden = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
-        output = _layer_output(layer(hidden, *args, **kwargs))
+        output = layer_output(layer(hidden, *args, **kwargs))
         (gradient_in,) = torch.autograd.grad(output, hidden, gradient)
     return gradient_in
 
