@@ -21,7 +21,8 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
    the mean held-out KL of its choices next to the best candidate's and each fixed method's;
 4. with ``--against PREFIX``: a contender (rows ``PREFIX, solver seed K`` at every K, 0 included, e.g. the
    default with another setting) paired with the default, ``ria`` and ``greedy`` over the runs where it and
-   they were measured;
+   they were measured, and against the same solver's configuration without its setting where it chose ``ria``
+   or ``greedy``;
 5. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
@@ -209,13 +210,20 @@ def contender_table(rows: dict, grid: dict, prefix: str) -> list[str]:
         shares = ["-" if None in found else f"{100 * sum(found) / len(found):.1f}%" for found in shares]
         return f"{shares[0]} / {shares[1]}, {sum(row['held_out_kl'] for _, row in pairs) / len(pairs):.4f}"
 
-    for method in METHODS:
-        runs = [(cal, solver) for cal, solver, m in sorted(grid) if m == method
-                and (f"{prefix}, solver seed {solver}", cal) in rows]
+    def contender(cal: int, solver: int) -> dict | None:
+        return rows.get((f"{prefix}, solver seed {solver}", cal))
+
+    def chosen(cal: int, solver: int) -> str | None:
+        return (contender(cal, solver) or {}).get("chosen_configuration")
+
+    for method in [*METHODS, "the solver it chose"]:
+        same = method == "the solver it chose"  # its configuration against the same solver's without the setting
+        runs = [(cal, solver) for cal, solver, m in sorted(grid) if contender(cal, solver) is not None
+                and (m == chosen(cal, solver) if same else m == method)]
         if not runs:
             continue
-        ours = [(cal, rows[f"{prefix}, solver seed {solver}", cal]) for cal, solver in runs]
-        theirs = [(cal, grid[cal, solver, method]) for cal, solver in runs]
+        ours = [(cal, contender(cal, solver)) for cal, solver in runs]
+        theirs = [(cal, grid[cal, solver, chosen(cal, solver) if same else method]) for cal, solver in runs]
         diffs = [a["held_out_kl"] - b["held_out_kl"] for (_, a), (_, b) in zip(ours, theirs)]
         record = (f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / "
                   f"{sum(d > 1e-12 for d in diffs)}, {_mean_and_error(diffs)}")

@@ -41,7 +41,7 @@ def test_a_run_py_default_is_the_candidate_with_its_very_kl_and_the_selector_is_
 def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured():
     rows = keyed(row("default (select)", 0, 1.5, "ria"), row("greedy", 0, 1.4),
                  row("select, solver seed 1", 0, 1.7, "greedy"), row("method ria, solver seed 1", 0, 1.9),
-                 row("select, fisher, solver seed 0", 0, 1.3), row("select, fisher, solver seed 1", 0, 1.8),
+                 row("select, fisher, solver seed 0", 0, 1.3, "greedy"), row("select, fisher, solver seed 1", 0, 1.8, "ria"),
                  row("pruner alone", 0, 2.0), row("dense", 0, 0.0))
     grid, _, _ = run_grid(rows, [0, 1])
     table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in contender_table(rows, grid, "select, fisher")[4:]}
@@ -49,3 +49,4 @@ def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured()
     assert table["default"][1] == "2" and table["default"][4].startswith("1 / 0 / 1, -0.0500 ± 0.1500")
     assert table["ria"][4].startswith("2 / 0 / 0, -0.1500 ± 0.0500")  # 1.3 - 1.5 and 1.8 - 1.9
     assert table["greedy"][4].startswith("1 / 0 / 1, +0.0000 ± 0.1000")  # 1.3 - 1.4 and 1.8 - 1.7
+    assert table["the solver it chose"][4].startswith("2 / 0 / 0, -0.1000 ± 0.0000")  # 1.3 - greedy 1.4, 1.8 - ria 1.9
