@@ -79,8 +79,8 @@ class SearchSettings:
     """What the modifier asks for: ``candidates`` (solver names) are compared per site when there is
     more than one; ``solver_args`` maps a solver name to its knobs; ``scoring_tokens``: the sample's leading
     tokens the configurations are scored on; ``residual_weighting``: ``fisher`` weights the residual readers'
-    rows by their loss sensitivity (``plugin/sensitivity.py``), ``none`` samples them uniformly; ``end_to_end``: the budget of the end-to-end learning that
-    follows (None: none)."""
+    rows by their loss sensitivity (``plugin/sensitivity.py``), ``none`` samples them uniformly;
+    ``end_to_end``: the budget of the end-to-end learning that follows (None: none)."""
 
     candidates: tuple[str, ...]
     pruner: PrunerModel
