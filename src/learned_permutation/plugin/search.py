@@ -146,8 +146,8 @@ class PermutationSearch:
         return fisher
 
     def _layer_readers(self) -> list[list[nn.Module]]:
-        """The targeted residual readers inside each decoder layer."""
-        readers = self.targeted(self.residual)
+        """The targeted residual readers inside each decoder layer (none without a residual site)."""
+        readers = [] if self.residual is None else self.targeted(self.residual)
         return [[m for m in readers if _is_inside(m, layer)] for layer in self.model.get_decoder().layers]
 
     def _layer_pass(self, sample: dict, device, scored: int,
@@ -166,10 +166,10 @@ class PermutationSearch:
         if hessians is not None:
             for site in self.layer_sites:
                 handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
-        layer_readers = [] if self.residual is None else self._layer_readers()
+        layer_readers = self._layer_readers()
 
         def finish(index: int) -> None:
-            self._finish_layer(index, hessians, energy, readers, layer_readers[index] if layer_readers else [], sensitivity)
+            self._finish_layer(index, hessians, energy, readers, layer_readers[index], sensitivity)
 
         try:
             with HooksMixin.disable_hooks(keep=handles):

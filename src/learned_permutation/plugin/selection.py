@@ -54,8 +54,9 @@ __all__ = [
     "predicting_positions",
     "prediction_losses",
     "attention_mask_of",
-    "layer_inputs",
+    "layer_chunks",
     "layer_output",
+    "run_layer",
     "LAYER_CHUNK_TOKENS",
     "head_chunk_tokens",
 ]
@@ -317,17 +318,14 @@ def scored_final_hidden(
     device = get_main_device() if device is None else device
     decoder = model.get_decoder()
     layers = list(decoder.layers)
-    rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
-    masks = attention_mask_of(batch).to(device).split(rows)
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        chunks = [layer_inputs(decoder, layers, ids.to(device), mask)
-                  for ids, mask in zip(batch["input_ids"].split(rows), masks)]
+        chunks, masks = layer_chunks(decoder, batch, device)
         for index, layer in enumerate(layers):
             with disable_offloading():  # the layer's weights onloaded once for all its chunks, released after
                 if observe is not None:
                     with observe(index):
-                        _run_layer(layer, index, chunks, keep=False)
-                _run_layer(layer, index, chunks, keep=True)
+                        run_layer(layer, index, chunks, keep=False)
+                run_layer(layer, index, chunks, keep=True)
             if after_layer is not None:
                 after_layer(index)
         scored, wanted = [], leading_positions
@@ -339,7 +337,17 @@ def scored_final_hidden(
         return torch.cat(scored)
 
 
-def _run_layer(layer: nn.Module, index: int, chunks: list[_LayerInputs], keep: bool) -> None:
+def layer_chunks(decoder: nn.Module, batch: dict, device) -> tuple[list[_LayerInputs], list[torch.Tensor]]:
+    """``batch`` in ``LAYER_CHUNK_TOKENS`` row chunks (whole rows) ready for the first decoder layer, and each
+    chunk's attention mask, both on ``device``."""
+    rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
+    masks = list(attention_mask_of(batch).to(device).split(rows))
+    layers = list(decoder.layers)
+    chunks = [layer_inputs(decoder, layers, ids.to(device), mask) for ids, mask in zip(batch["input_ids"].split(rows), masks)]
+    return chunks, masks
+
+
+def run_layer(layer: nn.Module, index: int, chunks: list[_LayerInputs], keep: bool) -> None:
     """Layer ``index`` on every chunk; ``keep``: its outputs become the chunks' hidden states."""
     for chunk in chunks:
         args, kwargs = chunk.calls[index]

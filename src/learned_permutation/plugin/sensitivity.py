@@ -28,13 +28,12 @@ from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import disable_cache, eval_context
 
 from learned_permutation.plugin.selection import (
-    LAYER_CHUNK_TOKENS,
-    attention_mask_of,
-    layer_inputs,
-    layer_output,
     head_chunk_tokens,
     head_losses,
+    layer_chunks,
+    layer_output,
     predicting_positions,
+    run_layer,
 )
 
 __all__ = ["output_row_fisher"]
@@ -49,24 +48,19 @@ def output_row_fisher(
     device = get_main_device() if device is None else device
     decoder = model.get_decoder()
     layers = list(decoder.layers)
-    mask = attention_mask_of(batch)
-    rows = max(1, LAYER_CHUNK_TOKENS // batch["input_ids"].shape[1])
     fisher = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        chunks, masks = [], mask.split(rows)
         with torch.no_grad():
-            for ids, part in zip(batch["input_ids"].split(rows), masks):
-                chunks.append(layer_inputs(decoder, layers, ids.to(device), part.to(device)))
+            chunks, masks = layer_chunks(decoder, batch, device)
             kept = []  # kept[index][chunk]: layer ``index``'s input, in host memory until its layer is recomputed
             for index, layer in enumerate(layers):
                 kept.append([chunk.hidden.cpu() for chunk in chunks])
                 with disable_offloading():
-                    for chunk in chunks:
-                        args, kwargs = chunk.calls[index]
-                        chunk.hidden = layer_output(layer(chunk.hidden, *args, **kwargs))
-        labels = [ids[:, 1:][predicting_positions(part)] for ids, part in zip(batch["input_ids"].split(rows), masks)]
-        gradients = [_loss_gradient(decoder.norm, model.get_output_embeddings(), chunk.hidden, part.to(device),
-                                    label.to(device)) for chunk, part, label in zip(chunks, masks, labels)]
+                    run_layer(layer, index, chunks, keep=True)
+        labels = [ids[:, 1:][predicting_positions(part)]
+                  for ids, part in zip(batch["input_ids"].to(device).split([len(m) for m in masks]), masks)]
+        gradients = [_loss_gradient(decoder.norm, model.get_output_embeddings(), chunk.hidden, part, label)
+                     for chunk, part, label in zip(chunks, masks, labels)]
         for index in reversed(range(len(layers))):
             with disable_offloading(), _squared_output_gradients(modules[index], fisher):
                 gradients = [_input_gradient(layers[index], hidden.to(device), chunk.calls[index], gradient)
