@@ -10,9 +10,8 @@ within one layer of readers whatever the depth, and a fixed number of rows whate
 
 With each row's loss sensitivity at hand (``plugin/sensitivity.py``), rows are weighted by it instead
 (scaled by its square root, so that a row's reconstruction error counts in proportion to the loss it
-costs) and the sample keeps the rows of largest weighted output energy, as many as a random one would:
-the sensitivity spans orders of magnitude between layers, so a uniform sample would spend most of its
-rows on errors the loss barely sees.
+costs) and the sample keeps the rows of largest weighted output energy, as many as a random one would,
+so that its rows go to the errors the loss feels most rather than to every row alike.
 """
 
 from __future__ import annotations
