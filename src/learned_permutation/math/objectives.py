@@ -61,6 +61,15 @@ class Consumer:
     def channels(self) -> int:
         return self.weight.shape[1]
 
+    def weighted_rows(self, sensitivity: torch.Tensor) -> Consumer:
+        """This consumer in fp32 with each output row scaled by the square root of its loss ``sensitivity``
+        (one value per row), so that a row's reconstruction error counts in proportion to the loss it costs."""
+        if tuple(sensitivity.shape) != (self.weight.shape[0],):
+            raise ValueError(f"sensitivity shape {tuple(sensitivity.shape)} does not match the weight's "
+                             f"{self.weight.shape[0]} output rows")
+        scale = sensitivity.to(self.weight.device, torch.float32).sqrt()[:, None]
+        return Consumer(weight=self.weight.float() * scale, hessian=self.hessian, act_sq=self.act_sq)
+
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):

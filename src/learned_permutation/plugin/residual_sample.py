@@ -60,9 +60,8 @@ class ReaderRowSample:
         return sum(consumer.weight.shape[0] for consumer in self.consumers)
 
     def _keep_heaviest(self, weight: torch.Tensor, act_sq: torch.Tensor, sensitivity: torch.Tensor) -> None:
-        act_sq = act_sq.detach().float().to(self.device)
-        scaled = weight.detach().float().to(self.device) * sensitivity.float().sqrt().to(self.device)[:, None]
-        self.consumers.append(Consumer(weight=scaled, act_sq=act_sq))
+        reader = Consumer(weight=weight.detach().float().to(self.device), act_sq=act_sq.detach().float().to(self.device))
+        self.consumers.append(reader.weighted_rows(sensitivity))
         energies = [consumer.weight.square() @ consumer.act_sq for consumer in self.consumers]
         every = torch.cat(energies)
         if every.numel() <= self.capacity:
