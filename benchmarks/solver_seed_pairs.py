@@ -22,7 +22,7 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
 4. with ``--against PREFIX``: a contender (rows ``PREFIX, solver seed K`` at every K, 0 included, e.g. the
    default with another setting) paired with the default, ``ria`` and ``greedy`` over the runs where it and
    they were measured, and against the same solver's configuration without its setting where it chose ``ria``
-   or ``greedy``;
+   or ``greedy``; with ``--versus PREFIX`` too, against that other contender over the runs both measured;
 5. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
@@ -205,11 +205,6 @@ def contender_table(rows: dict, grid: dict, prefix: str) -> list[str]:
              "mean KL | contender's KL wins / ties / losses, paired KL difference (mean ± standard error) |",
              "|---|---|---|---|---|"]
 
-    def summary(pairs: list[tuple[int, dict]]) -> str:
-        shares = [[share(rows, row, cal, key) for cal, row in pairs] for key in KEYS[:2]]
-        shares = ["-" if None in found else f"{100 * sum(found) / len(found):.1f}%" for found in shares]
-        return f"{shares[0]} / {shares[1]}, {sum(row['held_out_kl'] for _, row in pairs) / len(pairs):.4f}"
-
     def contender(cal: int, solver: int) -> dict | None:
         return rows.get((f"{prefix}, solver seed {solver}", cal))
 
@@ -224,11 +219,33 @@ def contender_table(rows: dict, grid: dict, prefix: str) -> list[str]:
             continue
         ours = [(cal, contender(cal, solver)) for cal, solver in runs]
         theirs = [(cal, grid[cal, solver, chosen(cal, solver) if same else method]) for cal, solver in runs]
-        diffs = [a["held_out_kl"] - b["held_out_kl"] for (_, a), (_, b) in zip(ours, theirs)]
-        record = (f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / "
-                  f"{sum(d > 1e-12 for d in diffs)}, {_mean_and_error(diffs)}")
-        lines.append(f"| {method} | {len(runs)} | {summary(ours)} | {summary(theirs)} | {record} |")
+        lines.append(_paired_line(rows, method, ours, theirs))
     return lines
+
+
+def versus_line(rows: dict, prefix: str, other: str, solver_seeds: list[int]) -> str:
+    """``prefix``'s rows against ``other``'s (another contender), over the runs where both exist."""
+    runs = sorted({(cal, solver) for _, cal in rows for solver in solver_seeds
+                   if (f"{prefix}, solver seed {solver}", cal) in rows and (f"{other}, solver seed {solver}", cal) in rows})
+    if not runs:
+        return f"| `{other}` | 0 | - | - | - |"
+    ours = [(cal, rows[f"{prefix}, solver seed {solver}", cal]) for cal, solver in runs]
+    theirs = [(cal, rows[f"{other}, solver seed {solver}", cal]) for cal, solver in runs]
+    return _paired_line(rows, f"`{other}`", ours, theirs)
+
+
+def _paired_line(rows: dict, name: str, ours: list[tuple[int, dict]], theirs: list[tuple[int, dict]]) -> str:
+    """One row of a paired table: runs, both sides' gap shares and mean KL, the KL record of ``ours``."""
+
+    def summary(pairs: list[tuple[int, dict]]) -> str:
+        shares = [[share(rows, row, cal, key) for cal, row in pairs] for key in KEYS[:2]]
+        shares = ["-" if None in found else f"{100 * sum(found) / len(found):.1f}%" for found in shares]
+        return f"{shares[0]} / {shares[1]}, {sum(row['held_out_kl'] for _, row in pairs) / len(pairs):.4f}"
+
+    diffs = [a["held_out_kl"] - b["held_out_kl"] for (_, a), (_, b) in zip(ours, theirs)]
+    record = (f"{sum(d < -1e-12 for d in diffs)} / {sum(abs(d) <= 1e-12 for d in diffs)} / "
+              f"{sum(d > 1e-12 for d in diffs)}, {_mean_and_error(diffs)}")
+    return f"| {name} | {len(ours)} | {summary(ours)} | {summary(theirs)} | {record} |"
 
 
 def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
@@ -263,6 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--selectors", nargs="+", default=[],
                         help="label prefixes of other select rows (``<prefix>, solver seed K``) to judge as selectors")
     parser.add_argument("--against", help="label prefix of a contender's rows (``<prefix>, solver seed K``)")
+    parser.add_argument("--versus", nargs="+", default=[],
+                        help="with --against: label prefixes of other contenders to pair it with, run by run")
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], dict] = {}
@@ -278,7 +297,8 @@ def main(argv=None) -> int:
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
     print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
     if args.against:
-        print("\n".join(contender_table(rows, grid, args.against)), "\n")
+        lines = contender_table(rows, grid, args.against)
+        print("\n".join(lines + [versus_line(rows, args.against, other, args.solver_seeds) for other in args.versus]), "\n")
     print("\n".join(best_of_seeds(rows, grid, args.solver_seeds)))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from solver_seed_pairs import contender_table, run_grid, selector_table
+from solver_seed_pairs import contender_table, run_grid, selector_table, versus_line
 
 
 def row(label: str, seed: int, kl: float, chosen: str | None = None) -> dict:
@@ -50,3 +50,14 @@ def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured()
     assert table["ria"][4].startswith("2 / 0 / 0, -0.1500 ± 0.0500")  # 1.3 - 1.5 and 1.8 - 1.9
     assert table["greedy"][4].startswith("1 / 0 / 1, +0.0000 ± 0.1000")  # 1.3 - 1.4 and 1.8 - 1.7
     assert table["the solver it chose"][4].startswith("2 / 0 / 0, -0.1000 ± 0.0000")  # 1.3 - greedy 1.4, 1.8 - ria 1.9
+
+
+def test_a_contender_is_paired_with_another_only_on_the_runs_both_measured():
+    rows = keyed(row("select, a, solver seed 0", 0, 1.3), row("select, a, solver seed 1", 0, 1.8),
+                 row("select, a, solver seed 0", 1, 1.1), row("select, b, solver seed 0", 0, 1.4),
+                 row("select, b, solver seed 1", 0, 1.6), row("select, b, solver seed 1", 1, 9.0),
+                 row("pruner alone", 0, 2.0), row("dense", 0, 0.0), row("pruner alone", 1, 2.0), row("dense", 1, 0.0))
+    cells = versus_line(rows, "select, a", "select, b", [0, 1]).split(" | ")
+    assert cells[0] == "| `select, b`" and cells[1] == "2"  # calibration seed 1 has no pair at either solver seed
+    assert cells[4].startswith("1 / 0 / 1, +0.0500 ± 0.1500")  # 1.3 - 1.4 and 1.8 - 1.6
+    assert versus_line(rows, "select, a", "select, c", [0, 1]).split(" | ")[1] == "0"

@@ -7,16 +7,20 @@ than chance (results/ablations/residual_signal_smollm2.md). Weighting each row b
 information of its output, the squared gradient of the dense model's next-token cross-entropy summed over
 calibration tokens, is the diagonal second-order estimate of the loss that row's error costs.
 
-The gradients come from one forward and one backward sweep over a few calibration rows, layer by layer:
-the forward keeps each decoder layer's input hidden states in host memory (tokens x hidden per layer, in
-the model's dtype: 141 MiB for SmolLM2-135M's 30 layers at 2,048 tokens in fp32, so it grows with depth,
-unlike the layer pass); the backward onloads one layer at a time, recomputes it from its kept input and passes the gradient
-on. Autograd never holds more than one layer's activations for one row chunk.
+The gradients come from one forward and one backward sweep over a few calibration rows, layer by layer.
+The forward keeps the input hidden states of every ``stride``-th decoder layer (``stride`` about the square
+root of the depth) in host memory, in the model's dtype; the backward takes the segments from the last: it
+recomputes a segment's layer inputs from its kept one, then onloads one layer at a time, recomputes it
+from its input and passes the gradient on. So at most about twice the square root of the depth in layer
+inputs (tokens x hidden each) wait at once, for one more forward: 11 of SmolLM2-135M's 30 (52 MB at 2,048
+tokens in fp32, against 142 MB for all 30), 18 of a 70B model's 80. Autograd never holds more than one layer's
+activations for one row chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import partial
 
 import torch
@@ -36,7 +40,13 @@ from learned_permutation.plugin.selection import (
     run_layer,
 )
 
-__all__ = ["output_row_fisher"]
+__all__ = ["output_row_fisher", "checkpoint_stride"]
+
+
+def checkpoint_stride(depth: int) -> int:
+    """Layers per recomputed segment: the square root of ``depth``, rounded up, minimises the kept inputs
+    (``depth / stride`` checkpoints plus one segment's ``stride``)."""
+    return max(1, math.ceil(math.sqrt(depth)))
 
 
 def output_row_fisher(
@@ -49,24 +59,38 @@ def output_row_fisher(
     decoder = model.get_decoder()
     layers = list(decoder.layers)
     fisher = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
+    stride = checkpoint_stride(len(layers))
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        with torch.no_grad():
-            chunks, masks = layer_chunks(decoder, batch, device)
-            kept = []  # kept[index][chunk]: layer ``index``'s input, in host memory until its layer is recomputed
-            for index, layer in enumerate(layers):
-                kept.append([chunk.hidden.cpu() for chunk in chunks])
-                with disable_offloading():
-                    run_layer(layer, index, chunks, keep=True)
+        chunks, masks = layer_chunks(decoder, batch, device)
+        checkpoints = {}  # checkpoints[start][chunk]: segment ``start``'s input, in host memory
+        for start in range(0, len(layers), stride):
+            checkpoints[start] = _forward(layers, chunks, start, start + stride)
         labels = [ids[:, 1:][predicting_positions(part)]
                   for ids, part in zip(batch["input_ids"].to(device).split([len(m) for m in masks]), masks)]
         gradients = [_loss_gradient(decoder.norm, model.get_output_embeddings(), chunk.hidden, part, label)
                      for chunk, part, label in zip(chunks, masks, labels)]
-        for index in reversed(range(len(layers))):
-            with disable_offloading(), _squared_output_gradients(modules[index], fisher):
-                gradients = [_input_gradient(layers[index], hidden.to(device), chunk.calls[index], gradient)
-                             for hidden, chunk, gradient in zip(kept[index], chunks, gradients)]
-            kept[index] = None
+        for start in reversed(list(checkpoints)):
+            for chunk, hidden in zip(chunks, checkpoints.pop(start)):
+                chunk.hidden = hidden.to(device)
+            end = min(start + stride, len(layers))  # the segment's last layer needs its input, not its output
+            kept = {index: _forward(layers, chunks, index, index + 1 if index + 1 < end else index)
+                    for index in range(start, end)}
+            for index in reversed(range(start, end)):
+                with disable_offloading(), _squared_output_gradients(modules[index], fisher):
+                    gradients = [_input_gradient(layers[index], hidden.to(device), chunk.calls[index], gradient)
+                                 for hidden, chunk, gradient in zip(kept.pop(index), chunks, gradients)]
     return fisher
+
+
+@torch.no_grad()
+def _forward(layers: list[nn.Module], chunks: list, start: int, end: int) -> list[torch.Tensor]:
+    """Layers ``start`` to ``end`` (exclusive) on every chunk, one onloaded at a time; the chunks' inputs
+    to layer ``start``, in host memory."""
+    inputs = [chunk.hidden.cpu() for chunk in chunks]
+    for index in range(start, min(end, len(layers))):
+        with disable_offloading():
+            run_layer(layers[index], index, chunks, keep=True)
+    return inputs
 
 
 def _loss_gradient(norm: nn.Module, head: nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
