@@ -92,8 +92,6 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         *seeded("select, fisher residual", (0, 1, 2), ("residual_weighting", "fisher")),
         *[row for method in ("ria", "greedy")
           for row in seeded(f"method {method}, fisher residual", (0, 1, 2), ("residual_weighting", "fisher"), method=method)],
-        # the same sensitivity weighting the per-layer sites' consumer rows (o_proj, down_proj) too
-        *seeded("select, fisher everywhere", (0, 1, 2), ("residual_weighting", "fisher"), ("layer_weighting", "fisher")),
         # which sites the default's gain and its spread come from
         *seeded("select, residual site only", (0, 1, 2), ("sites", ("residual",))),
         *seeded("select, per-layer sites only", (0, 1, 2), ("sites", ("mlp", "attn_vo"))),

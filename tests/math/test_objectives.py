@@ -76,3 +76,13 @@ def test_objectives_ignore_group_order_inside_blocks(objective, make_consumer):
     reference = objective(consumers, base, 2, 4, "wanda", block_size=8)
     for variant in (swapped_groups, shuffled_slots):
         assert objective(consumers, variant, 2, 4, "wanda", block_size=8) == pytest.approx(reference, rel=1e-5)
+
+
+def test_weighted_rows_scale_each_row_by_the_square_root_of_its_sensitivity():
+    weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    consumer = Consumer(weight=weight, act_sq=torch.ones(8))
+    weighted = consumer.weighted_rows(torch.tensor([4.0, 1.0, 0.25]))
+    assert torch.allclose(weighted.weight, weight * torch.tensor([[2.0], [1.0], [0.5]]))
+    assert weighted.act_sq is consumer.act_sq
+    with pytest.raises(ValueError, match="does not match the weight's 3 output rows"):
+        consumer.weighted_rows(torch.ones(8))

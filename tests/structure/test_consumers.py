@@ -111,21 +111,3 @@ def test_stat_with_wrong_shape_names_module():
     mlp = find_sites(model, M, kinds=("mlp",))[0]
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj has shape \(32,\)"):
         mlp.consumers_from_stats({"model.layers.0.mlp.down_proj": torch.ones(32)})
-
-
-def test_row_sensitivity_scales_every_replica_rows_by_its_square_root():
-    """o_proj's output rows are shared by its query-head replicas: each replica's rows carry the same weights;
-    a module without a sensitivity is left as stored, and a sensitivity of the wrong length is refused."""
-    model = build_model("mistral_one_kv_head")
-    attention = find_sites(model, M, kinds=("attn_vo",))[0]
-    o_proj = model.model.layers[0].self_attn.o_proj
-    sensitivity = torch.rand(o_proj.out_features) + 0.1
-    replicas = attention.consumers_from_stats({o_proj: torch.ones(32)}, row_sensitivity={o_proj: sensitivity})
-    assert len(replicas) == 4
-    for index, replica in enumerate(replicas):
-        expected = o_proj.weight.detach()[:, 8 * index:8 * (index + 1)] * sensitivity.sqrt()[:, None]
-        assert torch.allclose(replica.weight, expected)
-    unweighted = attention.consumers_from_stats({o_proj: torch.ones(32)}, row_sensitivity={})
-    assert torch.equal(unweighted[0].weight, o_proj.weight[:, :8])
-    with pytest.raises(ValueError, match="does not match the weight's 32 output rows"):
-        attention.consumers_from_stats({o_proj: torch.ones(32)}, row_sensitivity={o_proj: torch.ones(5)})

@@ -146,9 +146,6 @@ class LearnedPermutationModifier(Modifier):
         the dense model's loss sensitivity to its output, the squared gradient of the cross-entropy on
         the ``scoring_tokens`` rows, and the heaviest rows kept; one extra forward and backward sweep
         over those rows, layer by layer; ``learned_permutation.plugin.sensitivity``).
-    :param layer_weighting: how the per-layer sites' consumer rows (o_proj, down_proj, whose
-        outputs join the residual stream) enter their solves: ``none`` (every row's error alike) or
-        ``fisher`` (each row weighted by the loss sensitivity to its output, from the same sweep).
     :param seed: seed for every random choice of the solvers.
     :param objective: ``layer`` (the default: candidates from layer statistics, one
         configuration chosen on the calibration loss; no training) or ``model``
@@ -197,7 +194,6 @@ class LearnedPermutationModifier(Modifier):
     sample_tokens: int = Field(default=8192, ge=64)
     scoring_tokens: int = Field(default=SCORING_TOKENS, ge=64)
     residual_weighting: Literal["none", "fisher"] = "none"
-    layer_weighting: Literal["none", "fisher"] = "none"
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
@@ -352,7 +348,6 @@ class LearnedPermutationModifier(Modifier):
                 solver_args=self._candidate_solver_args(),
                 scoring_tokens=self._scoring_tokens(),
                 residual_weighting=self.residual_weighting,
-                layer_weighting=self.layer_weighting,
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -409,7 +404,6 @@ class LearnedPermutationModifier(Modifier):
             "sample_tokens": self.sample_tokens,
             "scoring_tokens": self._scoring_tokens(),
             "residual_weighting": self.residual_weighting,
-            "layer_weighting": self.layer_weighting,
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",

@@ -14,8 +14,7 @@ pruner accumulates ever needs re-indexing, in the independent and the sequential
 2. Residual: each candidate solver permutes the residual stream from the sampled rows. With
    ``residual_weighting: fisher`` the rows are weighted by the dense model's loss sensitivity to them,
    from one forward and backward sweep over the ``scoring_tokens`` rows before the layer pass
-   (``plugin/sensitivity.py``), and the heaviest are kept; ``layer_weighting: fisher`` weights the
-   per-layer sites' consumer rows (o_proj, down_proj) the same way, from the same sweep.
+   (``plugin/sensitivity.py``), and the heaviest are kept.
 3. Whole-model choice: a configuration is one permutation per site; each candidate solver's own
    configuration is scored by the KL divergence from the dense model (whose predictions the layer pass
    kept) of the model pruned in simulation (``plugin/selection.py``), on the sample's first
@@ -81,7 +80,6 @@ class SearchSettings:
     more than one; ``solver_args`` maps a solver name to its knobs; ``scoring_tokens``: the sample's leading
     tokens the configurations are scored on; ``residual_weighting``: ``fisher`` weights the residual readers'
     rows by their loss sensitivity (``plugin/sensitivity.py``), ``none`` samples them uniformly;
-    ``layer_weighting``: ``fisher`` weights the per-layer sites' consumer rows by theirs, ``none`` alike;
     ``end_to_end``: the budget of the end-to-end learning that follows (None: none)."""
 
     candidates: tuple[str, ...]
@@ -90,7 +88,6 @@ class SearchSettings:
     solver_args: dict[str, dict] = field(default_factory=dict)
     scoring_tokens: int = SCORING_TOKENS
     residual_weighting: str = "none"
-    layer_weighting: str = "none"
     end_to_end: EndToEndArgs | None = None
 
 
@@ -124,7 +121,7 @@ class PermutationSearch:
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
-        sensitivity = self._loss_sensitivity(scoring, device)
+        sensitivity = self._residual_sensitivity(scoring, device)
         start = time.perf_counter()
         energy, readers, dense = self._layer_pass(sample, device, scored, sensitivity)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
@@ -136,20 +133,16 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ layer pass
 
-    def _loss_sensitivity(self, scoring: dict, device) -> dict[nn.Module, torch.Tensor]:
-        """Per-row loss sensitivity on the scored rows (one forward and one backward sweep over them, layer
-        by layer) of each residual reader with ``residual_weighting: fisher`` and of each per-layer site's
-        consumers with ``layer_weighting: fisher``; else nothing."""
-        weighted = [readers if self.settings.residual_weighting == "fisher" else [] for readers in self._layer_readers()]
-        if self.settings.layer_weighting == "fisher":
-            for site in self.layer_sites:
-                weighted[site.layer_index] += self.targeted(site)
-        if not any(weighted):
+    def _residual_sensitivity(self, scoring: dict, device) -> dict[nn.Module, torch.Tensor]:
+        """With ``residual_weighting: fisher``, each residual reader's per-row loss sensitivity on the
+        scored rows (one forward and one backward sweep over them, layer by layer); else nothing."""
+        if self.residual is None or self.settings.residual_weighting != "fisher":
             return {}
         start = time.perf_counter()
+        readers = self._layer_readers()
         with HooksMixin.disable_hooks():
-            fisher = output_row_fisher(self.model, scoring, weighted, device)
-        self.phases["loss sensitivity"] = time.perf_counter() - start
+            fisher = output_row_fisher(self.model, scoring, readers, device)
+        self.phases["residual sensitivity"] = time.perf_counter() - start
         return fisher
 
     def _layer_readers(self) -> list[list[nn.Module]]:
@@ -195,15 +188,15 @@ class PermutationSearch:
             consumers = self.targeted(site)
             stats = hessians.pop(consumers) if hessians is not None else energy.subset(consumers)
             if stats:
-                self._solve_layer_site(site, stats, sensitivity)
+                self._solve_layer_site(site, stats)
         for module in layer_readers:
             if module in energy.sums:
                 readers.add(read_parameter(module, "weight"), energy.sums[module], sensitivity.get(module))
 
-    def _solve_layer_site(self, site: PermutationSite, stats: dict, sensitivity: dict[nn.Module, torch.Tensor]) -> None:
+    def _solve_layer_site(self, site: PermutationSite, stats: dict) -> None:
         start = time.perf_counter()
         check_finite_statistics(stats, self.names)
-        solved, problem = self._solve(site, site.consumers_from_stats(stats, row_sensitivity=sensitivity))
+        solved, problem = self._solve(site, site.consumers_from_stats(stats))
         self.candidates[site] = SiteCandidates(
             solved, self._objectives(site, problem, solved), [self.names[m] for m in stats], time.perf_counter() - start)
 

@@ -89,7 +89,6 @@ class PermutationSite:
         self,
         stats: Mapping[torch.nn.Module | str, torch.Tensor],
         device: torch.device | str | None = None,
-        row_sensitivity: Mapping[torch.nn.Module, torch.Tensor] | None = None,
     ) -> list[Consumer]:
         """The solver's view of this site: one Consumer per consumer module found in `stats`.
 
@@ -104,8 +103,7 @@ class PermutationSite:
 
         Weights are read offload-safely onto `device` (default: each module's execution device);
         the residual site spans every layer, so pass the offload device (e.g. "cpu") there to
-        avoid onloading the whole model at once. A module with a `row_sensitivity` (one loss
-        sensitivity per output row) has its rows weighted by it (`Consumer.weighted_rows`).
+        avoid onloading the whole model at once.
         """
         consumers = []
         for named in self.consumer_modules:
@@ -114,10 +112,8 @@ class PermutationSite:
                 continue
             weight = read_parameter(named.module, "weight", device)
             stat = _checked_stat(self, named, stat, weight.shape[1]).to(weight.device)
-            sensitivity = (row_sensitivity or {}).get(named.module)
             for columns in self.replica_columns():
-                consumer = _replica_consumer(weight, stat, columns)
-                consumers.append(consumer if sensitivity is None else consumer.weighted_rows(sensitivity))
+                consumers.append(_replica_consumer(weight, stat, columns))
         return consumers
 
 
