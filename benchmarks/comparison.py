@@ -124,6 +124,7 @@ class Result:
     pattern: str
     ppl: dict[str, float] = field(default_factory=dict)
     kl_to_dense: float = 0.0
+    window_kl: list[float] = field(default_factory=list)  # held-out KL per window (pairs two models' windows)
     exact_nm: bool | None = None  # None for the dense model
     layer_errors: dict[str, float] = field(default_factory=dict)  # per pruned Linear
     oneshot_seconds: float | None = None  # the whole oneshot call: calibration passes, modifiers, save
@@ -231,7 +232,7 @@ class Comparison:
         texts, seq_len, batch = self.texts, self.eval_seq_len, self.eval_batch_size
         held_out = kl_divergence(self.dense, model, self.tokenizer, texts.held_out, seq_len, batch,
                                  texts.max_windows.get("held-out"))
-        result.ppl["held-out"], result.kl_to_dense = held_out.model.ppl, held_out.kl
+        result.ppl["held-out"], result.kl_to_dense, result.window_kl = held_out.model.ppl, held_out.kl, held_out.window_kl
         for label, text in texts.extra.items():
             windows = texts.max_windows.get(label)
             result.ppl[label] = perplexity(model, self.tokenizer, text, seq_len, batch, windows).ppl

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
             rows.append({"model": name, "seed": seed, "label": label, "variant": variant.name,
                          "held_out_ppl": result.ppl.get("held-out"), "wikitext2_ppl": result.ppl.get("wikitext2"),
                          "held_out_kl": result.kl_to_dense if result.ppl else None,
+                         "held_out_window_kl": result.window_kl,
                          "modifier_seconds": result.permutation_seconds,
                          "end_to_end_seconds": report.get("seconds"), "chosen": report.get("chosen"),
                          "calibration_held_out_losses": report.get("held_out_losses"),

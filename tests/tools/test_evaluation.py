@@ -73,7 +73,7 @@ def test_kl_is_zero_for_the_same_model_and_matches_a_direct_computation(tiny_lla
 
     noisy = _perturbed(model)
     result = kl_divergence(model, noisy, tokenizer, TEXT, seq_len=40, batch_size=2)
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     with torch.no_grad():
         for window in _windows_by_hand(tokenizer, TEXT, 40):
             ids = torch.tensor([window])
@@ -81,8 +81,10 @@ def test_kl_is_zero_for_the_same_model_and_matches_a_direct_computation(tiny_lla
             q = torch.softmax(noisy(input_ids=ids).logits[0, :-1].double(), dim=-1)
             total += (p * (p.log() - q.log())).sum().item()
             count += p.shape[0]
+            per_window.append((p * (p.log() - q.log())).sum().item() / p.shape[0])
     assert result.kl > 1e-4
     assert result.kl == pytest.approx(total / count, rel=1e-4)
+    assert result.window_kl == pytest.approx(per_window, rel=1e-4) and len(set(per_window)) == len(per_window) > 2
     for compared, ppl in ((result.model, perplexity(noisy, tokenizer, TEXT, 40)),
                           (result.reference, perplexity(model, tokenizer, TEXT, 40))):
         assert compared.tokens == ppl.tokens and compared.nll == pytest.approx(ppl.nll, rel=1e-6)

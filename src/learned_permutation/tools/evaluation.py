@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,12 +42,15 @@ class PerplexityResult:
 @dataclass(frozen=True)
 class KLResult:
     """``kl`` is the mean over predicted token positions of KL(reference || model), in nats; ``model``
-    and ``reference`` are both models' perplexities on the same tokens, which the same passes give."""
+    and ``reference`` are both models' perplexities on the same tokens, which the same passes give;
+    ``window_kl`` the mean per window, in window order (two models' windows pair up: the evaluation's own
+    noise in their difference)."""
 
     tokens: int
     kl: float
     model: PerplexityResult
     reference: PerplexityResult
+    window_kl: list[float] = field(default_factory=list)
 
 
 def _perplexity_result(total_nll: float, tokens: int) -> PerplexityResult:
@@ -121,11 +124,13 @@ def kl_divergence(
 
     It measures how far compression moved the model's predictions, whatever the text's domain.
     """
-    total_kl, model_nll, reference_nll, total_tokens = 0.0, 0.0, 0.0, 0
+    total_kl, model_nll, reference_nll, total_tokens, window_kl = 0.0, 0.0, 0.0, 0, []
     for input_ids in _batches(text_windows(tokenizer, text, seq_len, max_windows), batch_size):
         reference = _next_token_log_probs(reference_model, input_ids)
         candidate = _next_token_log_probs(model, input_ids).to(reference.device)
-        total_kl += F.kl_div(candidate, reference, log_target=True, reduction="sum").item()
+        per_window = F.kl_div(candidate, reference, log_target=True, reduction="none").sum(dim=(1, 2))
+        total_kl += float(per_window.sum())
+        window_kl += (per_window / (input_ids.shape[1] - 1)).tolist()
         model_nll += _target_nll(candidate, input_ids)
         reference_nll += _target_nll(reference, input_ids)
         total_tokens += input_ids[:, 1:].numel()
@@ -134,6 +139,7 @@ def kl_divergence(
         kl=total_kl / total_tokens,
         model=_perplexity_result(model_nll, total_tokens),
         reference=_perplexity_result(reference_nll, total_tokens),
+        window_kl=window_kl,
     )
 
 
