@@ -23,7 +23,10 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
    default with another setting) paired with the default, ``ria`` and ``greedy`` over the runs where it and
    they were measured, and against the same solver's configuration without its setting where it chose ``ria``
    or ``greedy``; with ``--versus PREFIX`` too, against that other contender over the runs both measured;
-5. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+5. the evaluation's own noise: per run where two methods' rows carry their held-out KL per window
+   (``held_out_window_kl``), their KL difference and its standard error over the windows (the same windows:
+   what a second held-out text of that size could move the difference by);
+6. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
 
@@ -248,6 +251,24 @@ def _paired_line(rows: dict, name: str, ours: list[tuple[int, dict]], theirs: li
     return f"| {name} | {len(ours)} | {summary(ours)} | {summary(theirs)} | {record} |"
 
 
+def evaluation_noise(grid: dict) -> list[str]:
+    """Per run, each pair of methods whose rows both have per-window held-out KL: the difference of their
+    means and its standard error over the windows, paired window by window."""
+    lines = ["| calibration seed, solver seed | pair | windows | KL difference (mean ± standard error over windows) |",
+             "|---|---|---|---|"]
+    for cal, solver in sorted({(c, s) for c, s, _ in grid}):
+        found = {m: grid[cal, solver, m] for m in METHODS if (cal, solver, m) in grid}
+        paired = set()  # the default's row stands for the method it chose: each pair of models once
+        for first, second in [(a, b) for i, a in enumerate(METHODS) for b in METHODS[i + 1:]]:
+            one, other = (found.get(m, {}).get("held_out_window_kl") for m in (first, second))
+            if not one or not other or one is other or frozenset((id(one), id(other))) in paired:
+                continue
+            paired.add(frozenset((id(one), id(other))))
+            diffs = [a - b for a, b in zip(one, other, strict=True)]
+            lines.append(f"| {cal}, {solver} | {first} - {second} | {len(diffs)} | {_mean_and_error(diffs)} |")
+    return lines if len(lines) > 2 else []
+
+
 def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     """Per calibration set: the lowest calibration KL among every solver seed's candidate configurations."""
     lines = ["| calibration seed | chosen among seeds (calibration KL) | its model: C4 / WikiText-2 (KL) | "
@@ -299,6 +320,9 @@ def main(argv=None) -> int:
     if args.against:
         lines = contender_table(rows, grid, args.against)
         print("\n".join(lines + [versus_line(rows, args.against, other, args.solver_seeds) for other in args.versus]), "\n")
+    noise = evaluation_noise(grid)
+    if noise:
+        print("\n".join(noise), "\n")
     print("\n".join(best_of_seeds(rows, grid, args.solver_seeds)))
     return 0
 

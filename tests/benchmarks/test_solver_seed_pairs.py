@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from solver_seed_pairs import contender_table, run_grid, selector_table, versus_line
+from solver_seed_pairs import contender_table, evaluation_noise, run_grid, selector_table, versus_line
 
 
 def row(label: str, seed: int, kl: float, chosen: str | None = None) -> dict:
@@ -61,3 +61,16 @@ def test_a_contender_is_paired_with_another_only_on_the_runs_both_measured():
     assert cells[0] == "| `select, b`" and cells[1] == "2"  # calibration seed 1 has no pair at either solver seed
     assert cells[4].startswith("1 / 0 / 1, +0.0500 ± 0.1500")  # 1.3 - 1.4 and 1.8 - 1.6
     assert versus_line(rows, "select, a", "select, c", [0, 1]).split(" | ")[1] == "0"
+
+
+def test_the_evaluation_noise_pairs_two_methods_window_by_window():
+    rows = keyed(row("default (select)", 0, 1.5, "greedy"), row("ria", 0, 1.6), row("pruner alone", 0, 2.0),
+                 row("dense", 0, 0.0), row("select, solver seed 1", 0, 1.5, "ria"))
+    rows["default (select)", 0]["held_out_window_kl"] = [1.0, 2.0, 1.5]
+    rows["ria", 0]["held_out_window_kl"] = [1.2, 2.1, 1.5]
+    rows["select, solver seed 1", 0]["held_out_window_kl"] = [1.0, 1.0, 1.0]
+    grid, _, _ = run_grid(rows, [0, 1])
+    lines = evaluation_noise(grid)
+    # the default stands for greedy at solver seed 0 (the same model: no pair), and for ria at 1 (no other rows)
+    assert len(lines) == 3 and lines[2].startswith("| 0, 0 | default - ria | 3 | -0.1000 ± 0.0577")
+    assert evaluation_noise(run_grid(keyed(row("default (select)", 0, 1.5, "ria")), [0])[0]) == []
