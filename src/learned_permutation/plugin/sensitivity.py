@@ -72,14 +72,22 @@ def output_row_fisher(
         for start in reversed(list(checkpoints)):
             for chunk, hidden in zip(chunks, checkpoints.pop(start)):
                 chunk.hidden = hidden.to(device)
-            end = min(start + stride, len(layers))  # the segment's last layer needs its input, not its output
-            kept = {index: _forward(layers, chunks, index, index + 1 if index + 1 < end else index)
-                    for index in range(start, end)}
-            for index in reversed(range(start, end)):
-                with disable_offloading(), _squared_output_gradients(modules[index], fisher):
-                    gradients = [_input_gradient(layers[index], hidden.to(device), chunk.calls[index], gradient)
-                                 for hidden, chunk, gradient in zip(kept.pop(index), chunks, gradients)]
+            end = min(start + stride, len(layers))
+            gradients = _segment_backward(layers, modules, chunks, start, end, gradients, fisher, device)
     return fisher
+
+
+def _segment_backward(layers: list[nn.Module], modules: list[list[nn.Linear]], chunks: list, start: int, end: int,
+                      gradients: list[torch.Tensor], fisher: dict, device) -> list[torch.Tensor]:
+    """Layers ``start`` to ``end`` (the chunks hold ``start``'s input): their inputs recomputed, then the
+    gradient at ``end``'s input passed back to ``start``'s, their ``modules``' squares added to ``fisher``."""
+    # the segment's last layer needs its input, not its output
+    kept = {index: _forward(layers, chunks, index, index + 1 if index + 1 < end else index) for index in range(start, end)}
+    for index in reversed(range(start, end)):
+        with disable_offloading(), _squared_output_gradients(modules[index], fisher):
+            gradients = [_input_gradient(layers[index], hidden.to(device), chunk.calls[index], gradient)
+                         for hidden, chunk, gradient in zip(kept.pop(index), chunks, gradients)]
+    return gradients
 
 
 @torch.no_grad()
