@@ -42,6 +42,7 @@ class ReaderRowSample:
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
         self.consumers: list[Consumer] = []
+        self._energies: list[torch.Tensor] = []  # weighted rows' output energies, per consumer (kept rows only)
 
     def add(self, weight: torch.Tensor, act_sq: torch.Tensor, sensitivity: torch.Tensor | None = None) -> None:
         """Sample rows of one reader's weight (read while its layer is onloaded); with ``sensitivity`` (one
@@ -61,12 +62,14 @@ class ReaderRowSample:
 
     def _keep_heaviest(self, weight: torch.Tensor, act_sq: torch.Tensor, sensitivity: torch.Tensor) -> None:
         reader = Consumer(weight=weight.detach().float().to(self.device), act_sq=act_sq.detach().float().to(self.device))
-        self.consumers.append(reader.weighted_rows(sensitivity))
-        energies = [consumer.weight.square() @ consumer.act_sq for consumer in self.consumers]
-        every = torch.cat(energies)
+        reader = reader.weighted_rows(sensitivity)
+        self.consumers.append(reader)
+        self._energies.append(reader.weight.square() @ reader.act_sq)
+        every = torch.cat(self._energies)
         if every.numel() <= self.capacity:
             return
         threshold = every.topk(self.capacity).values[-1]
-        kept = [Consumer(weight=consumer.weight[energy >= threshold], act_sq=consumer.act_sq)
-                for consumer, energy in zip(self.consumers, energies)]
-        self.consumers = [consumer for consumer in kept if consumer.weight.shape[0]]
+        kept = [(Consumer(weight=consumer.weight[energy >= threshold], act_sq=consumer.act_sq), energy[energy >= threshold])
+                for consumer, energy in zip(self.consumers, self._energies)]
+        kept = [(consumer, energy) for consumer, energy in kept if consumer.weight.shape[0]]
+        self.consumers, self._energies = [c for c, _ in kept], [e for _, e in kept]
