@@ -29,6 +29,7 @@ def test_layer_sweep_gives_whole_model_squared_output_gradients(layers):
     mask[2, 15:] = 0
     modules = [[layer.self_attn.k_proj, layer.mlp.up_proj] for layer in model.model.layers]
     fisher = output_row_fisher(model, {"input_ids": ids, "attention_mask": mask}, modules, "cpu")
+    assert all(parameter.grad is None for parameter in model.parameters())  # no vocabulary x hidden gradient left
 
     expected = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
 

@@ -61,7 +61,8 @@ def output_row_fisher(
     fisher = {module: torch.zeros(module.out_features) for inside in modules for module in inside}
     stride = checkpoint_stride(len(layers))
     with disable_cache(model), eval_context(model), patch_attr(model.config, "_attn_implementation", "sdpa"):
-        chunks, masks = layer_chunks(decoder, batch, device)
+        with torch.no_grad():
+            chunks, masks = layer_chunks(decoder, batch, device)
         checkpoints = {}  # checkpoints[start][chunk]: segment ``start``'s input, in host memory
         for start in range(0, len(layers), stride):
             checkpoints[start] = _forward(layers, chunks, start, start + stride)
@@ -104,14 +105,15 @@ def _forward(layers: list[nn.Module], chunks: list, start: int, end: int) -> lis
 def _loss_gradient(norm: nn.Module, head: nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
     """Gradient of the summed next-token cross-entropy with respect to the last layer's output,
-    ``head_chunk_tokens`` positions at a time so the logits never exceed one chunk."""
+    ``head_chunk_tokens`` positions at a time so the logits never exceed one chunk. Only ``hidden`` receives
+    a gradient: the head's and the norm's weights get none (the head's would be vocabulary x hidden)."""
     hidden = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
         scored = norm(hidden)[:, :-1][predicting_positions(mask)]
         tokens = head_chunk_tokens(head.weight.shape[0])
         parts = list(zip(scored.split(tokens), labels.split(tokens)))
         for number, (part, label) in enumerate(parts):
-            head_losses(head, part, label)[0].backward(retain_graph=number < len(parts) - 1)
+            head_losses(head, part, label)[0].backward(inputs=[hidden], retain_graph=number < len(parts) - 1)
     return hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
 
 
