@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "end_to_end")
     parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "outputs" / "end_to_end")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-windows", type=int, default=16,
+                        help="SmolLM2: C4 held-out and WikiText-2 windows of 512 tokens (the first 16 are the default's)")
     parser.add_argument("--selection-only", action="store_true",
                         help="only each row's oneshot: print which configuration select chose and the calibration "
                              "losses it chose by (no evaluation, no tables)")
@@ -162,7 +164,7 @@ def comparison_for(args, seed: int) -> tuple[str, Comparison]:
     """The model's name and its comparison for calibration seed ``seed``: SmolLM2 as ``real_model.py``
     measures it (C4 held-out and WikiText-2), the small models as ``run.py`` does."""
     if args.model == real_model.NAME:
-        settings = argparse.Namespace(num_samples=32, seq_len=512, eval_windows=16, eval_seq_len=512, seed=seed,
+        settings = argparse.Namespace(num_samples=32, seq_len=512, eval_windows=args.eval_windows, eval_seq_len=512, seed=seed,
                                       layer_error_windows=2, checkpoint_dir=args.checkpoint_dir)
         return real_model.NAME, real_model.comparison(settings)
     setup = build_setup(argparse.Namespace(model=args.model, num_samples=128, seq_len=256, held_out_samples=32,
