@@ -123,7 +123,10 @@ def _same_model(default: dict, rows: dict, cal: int, solver: int) -> str | None:
 
 
 def share(rows: dict, row: dict, cal: int, key: str) -> float | None:
-    """``gap_share``, None where pruning left no gap (it lowered that text's perplexity)."""
+    """``gap_share``, None where pruning left no gap (it lowered that text's perplexity) or the pruner alone's
+    row is not among the inputs (e.g. rows evaluated on another held-out text)."""
+    if ("pruner alone", cal) not in rows:
+        return None
     gap = rows["pruner alone", cal][key] > rows["dense", cal][key]
     return gap_share(rows, row, cal, key) if gap else None
 
@@ -179,7 +182,7 @@ def summary_table(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
 def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
     """How often each selector chose the candidate whose model has the lowest held-out KL, per run where all
     three candidates' models (the stored order's is the pruner alone) were measured."""
-    runs = sorted({(c, s) for c, s, _ in grid if all((c, s, m) in grid for m in METHODS[1:])})
+    runs = sorted({(c, s) for c, s, _ in grid if all((c, s, m) in grid for m in METHODS[1:]) and ("pruner alone", c) in rows})
     truth = {run: {"identity": rows["pruner alone", run[0]]["held_out_kl"],
                    **{m: grid[(*run, m)]["held_out_kl"] for m in METHODS[1:]}} for run in runs}
     lines = [f"Over the {len(runs)} runs where every candidate's model was measured (held-out KL):", "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from solver_seed_pairs import contender_table, evaluation_noise, run_grid, selector_table, versus_line
+from solver_seed_pairs import contender_table, evaluation_noise, run_grid, selector_table, share, versus_line
 
 
 def row(label: str, seed: int, kl: float, chosen: str | None = None) -> dict:
@@ -77,3 +77,11 @@ def test_the_evaluation_noise_pairs_two_methods_window_by_window():
     # the default stands for greedy at solver seed 0 (the same model: no pair), and for ria at 1 (no other rows)
     assert len(lines) == 3 and lines[2].startswith("| 0, 0 | default - ria | 3 | -0.1000 ± 0.0577")
     assert evaluation_noise(run_grid(keyed(row("default (select)", 0, 1.5, "ria")), [0])[0]) == []
+
+
+def test_rows_without_the_pruner_alone_have_no_gap_share_and_no_selector_score():
+    """Rows evaluated on another held-out text than the pruner alone's (``--eval-windows``) still pair up."""
+    rows = keyed(row("default (select)", 0, 1.5, "ria"), row("greedy", 0, 1.6), row("dense", 0, 0.0))
+    grid, _, _ = run_grid(rows, [0])
+    assert share(rows, grid[0, 0, "default"], 0, "held_out_ppl") is None
+    assert selector_table(rows, grid, [])[-1].startswith("|---")  # no run to score
