@@ -121,9 +121,10 @@ class PermutationSearch:
     def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
         """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
         scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
-        sensitivity = self._residual_sensitivity(scoring, device)
+        layer_readers = self._layer_readers()  # found once: the sweep and the layer pass both go layer by layer
+        sensitivity = self._residual_sensitivity(scoring, device, layer_readers)
         start = time.perf_counter()
-        energy, readers, dense = self._layer_pass(sample, device, scored, sensitivity)
+        energy, readers, dense = self._layer_pass(sample, device, scored, layer_readers, sensitivity)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
             self._solve_residual(energy, readers)
@@ -133,15 +134,14 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ layer pass
 
-    def _residual_sensitivity(self, scoring: dict, device) -> dict[nn.Module, torch.Tensor]:
+    def _residual_sensitivity(self, scoring: dict, device, layer_readers: list[list[nn.Module]]) -> dict[nn.Module, torch.Tensor]:
         """With ``residual_weighting: fisher``, each residual reader's per-row loss sensitivity on the
         scored rows (one forward and one backward sweep over them, layer by layer); else nothing."""
         if self.residual is None or self.settings.residual_weighting != "fisher":
             return {}
         start = time.perf_counter()
-        readers = self._layer_readers()
         with HooksMixin.disable_hooks():
-            fisher = output_row_fisher(self.model, scoring, readers, device)
+            fisher = output_row_fisher(self.model, scoring, layer_readers, device)
         self.phases["residual sensitivity"] = time.perf_counter() - start
         return fisher
 
@@ -150,11 +150,12 @@ class PermutationSearch:
         readers = [] if self.residual is None else self.targeted(self.residual)
         return [[m for m in readers if _is_inside(m, layer)] for layer in self.model.get_decoder().layers]
 
-    def _layer_pass(self, sample: dict, device, scored: int,
+    def _layer_pass(self, sample: dict, device, scored: int, layer_readers: list[list[nn.Module]],
                     sensitivity: dict[nn.Module, torch.Tensor]) -> tuple[InputStatistics, ReaderRowSample, torch.Tensor]:
-        """Statistics, per-layer candidates, residual row sample, and the dense model's final hidden
-        states at the ``scored`` positions the configuration passes score (nothing is folded before the
-        whole pass has run); residual rows weighted by ``sensitivity`` where given."""
+        """Statistics, per-layer candidates, residual row sample (``layer_readers[i]``: decoder layer ``i``'s
+        residual readers), and the dense model's final hidden states at the ``scored`` positions the
+        configuration passes score (nothing is folded before the whole pass has run); residual rows weighted
+        by ``sensitivity`` where given."""
         energy = InputStatistics(full=False)
         hessians = InputStatistics(full=True) if self.settings.pruner.needs_hessian else None
         layers = self.model.get_decoder().layers
@@ -166,7 +167,6 @@ class PermutationSearch:
         if hessians is not None:
             for site in self.layer_sites:
                 handles |= {self.hooks.register_hook(m, hessians.hook, "forward") for m in self.targeted(site)}
-        layer_readers = self._layer_readers()
 
         def finish(index: int) -> None:
             self._finish_layer(index, hessians, energy, readers, layer_readers[index], sensitivity)
