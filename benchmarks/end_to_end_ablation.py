@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="end_to_end.steps of the gradient rows")
     parser.add_argument("--train-tokens", type=int, default=4096, help="end_to_end.train_tokens")
     parser.add_argument("--random-factor", type=int, default=2, help="random-search steps per gradient step")
-    parser.add_argument("--only", nargs="+", help="run only the rows whose label starts with one of these")
+    parser.add_argument("--only", nargs="+",
+                        help="run only these rows: a row's whole label, or a prefix of labels (a whole label selects "
+                             "that row alone: 'ria' is not also 'ria-score ria')")
     parser.add_argument("--output-dir", type=Path, default=REPO / "results" / "end_to_end")
     parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "outputs" / "end_to_end")
     parser.add_argument("--threads", type=int, default=1)
@@ -130,11 +132,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started, revision = time.perf_counter(), source_revision()
     rows = []
+    chosen_rows = selected(variants(args.pruner, args.steps, args.random_factor, args.train_tokens), args.only)
     for seed in args.seeds:
         name, comparison = comparison_for(args, seed)
-        for label, variant in variants(args.pruner, args.steps, args.random_factor, args.train_tokens):
-            if args.only and not any(label.startswith(prefix) for prefix in args.only):
-                continue
+        for label, variant in chosen_rows:
             result = comparison.run(variant, evaluate=not args.selection_only)
             report_file = comparison.checkpoint_dir(variant) / REPORT_FILE
             full_report = json.loads(report_file.read_text()) if report_file.is_file() else {}
@@ -158,6 +159,15 @@ def main(argv=None) -> int:
         return 0  # the rows above are the result: no held-out numbers to tabulate
     write(rows, args, revision, time.perf_counter() - started, name)
     return 0
+
+
+def selected(rows: list[tuple[str, Variant]], only: list[str] | None) -> list[tuple[str, Variant]]:
+    """The rows ``--only`` names: an entry equal to a label picks that row; any other entry is a prefix."""
+    if not only:
+        return rows
+    labels = {label for label, _ in rows}
+    return [(label, variant) for label, variant in rows
+            if any(label == entry if entry in labels else label.startswith(entry) for entry in only)]
 
 
 def comparison_for(args, seed: int) -> tuple[str, Comparison]:
