@@ -14,6 +14,7 @@ from learned_permutation.tools.lm_eval_tasks.wikitext_local import _is_article_t
 from learned_permutation.tools.evaluation import (
     check_nm_sparsity,
     kl_divergence,
+    kl_divergences,
     layer_reconstruction_errors,
     perplexity,
     text_windows,
@@ -88,6 +89,20 @@ def test_kl_is_zero_for_the_same_model_and_matches_a_direct_computation(tiny_lla
     for compared, ppl in ((result.model, perplexity(noisy, tokenizer, TEXT, 40)),
                           (result.reference, perplexity(model, tokenizer, TEXT, 40))):
         assert compared.tokens == ppl.tokens and compared.nll == pytest.approx(ppl.nll, rel=1e-6)
+
+
+def test_several_models_share_the_reference_pass_and_get_their_own_kl(tiny_llama):
+    model, tokenizer = tiny_llama
+    models = {"near": _perturbed(model, 0.01), "far": _perturbed(model, 0.1)}
+    reference_calls = []
+    hook = model.register_forward_hook(lambda *_: reference_calls.append(1))
+    together = kl_divergences(model, models, tokenizer, TEXT, seq_len=40, batch_size=2)
+    hook.remove()
+    assert len(reference_calls) == len(list(_windows_by_hand(tokenizer, TEXT, 40))) // 2 + 1  # once per batch
+    for name, alone in ((name, kl_divergence(model, m, tokenizer, TEXT, seq_len=40, batch_size=2))
+                        for name, m in models.items()):
+        assert together[name] == alone  # the same sums in the same order: equal to every digit
+    assert together["near"].kl < together["far"].kl
 
 
 def test_evaluation_rejects_empty_text_and_tiny_windows(tiny_llama):

@@ -19,7 +19,7 @@ script's numbers are comparable to each other, ours to ours.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +110,6 @@ def perplexity(
     return _perplexity_result(total_nll, total_tokens)
 
 
-@torch.no_grad()
 def kl_divergence(
     reference_model,
     model,
@@ -124,23 +123,44 @@ def kl_divergence(
 
     It measures how far compression moved the model's predictions, whatever the text's domain.
     """
-    total_kl, model_nll, reference_nll, total_tokens, window_kl = 0.0, 0.0, 0.0, 0, []
+    return kl_divergences(reference_model, {"model": model}, tokenizer, text, seq_len, batch_size, max_windows)["model"]
+
+
+@torch.no_grad()
+def kl_divergences(
+    reference_model,
+    models: Mapping[str, torch.nn.Module],
+    tokenizer,
+    text: str,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+) -> dict[str, KLResult]:
+    """``kl_divergence`` of each of ``models`` (by name), with one reference pass per batch shared by them all:
+    comparing several compressed models costs one reference pass, not one each."""
+    totals = {name: {"kl": 0.0, "nll": 0.0, "window_kl": []} for name in models}
+    reference_nll, total_tokens = 0.0, 0
     for input_ids in _batches(text_windows(tokenizer, text, seq_len, max_windows), batch_size):
         reference = _next_token_log_probs(reference_model, input_ids)
-        candidate = _next_token_log_probs(model, input_ids).to(reference.device)
-        per_window = F.kl_div(candidate, reference, log_target=True, reduction="none").sum(dim=(1, 2))
-        total_kl += float(per_window.sum())
-        window_kl += (per_window / (input_ids.shape[1] - 1)).tolist()
-        model_nll += _target_nll(candidate, input_ids)
+        for name, model in models.items():
+            candidate = _next_token_log_probs(model, input_ids).to(reference.device)
+            per_window = F.kl_div(candidate, reference, log_target=True, reduction="none").sum(dim=(1, 2))
+            totals[name]["kl"] += float(per_window.sum())
+            totals[name]["window_kl"] += (per_window / (input_ids.shape[1] - 1)).tolist()
+            totals[name]["nll"] += _target_nll(candidate, input_ids)
+            del candidate
         reference_nll += _target_nll(reference, input_ids)
         total_tokens += input_ids[:, 1:].numel()
-    return KLResult(
-        tokens=total_tokens,
-        kl=total_kl / total_tokens,
-        model=_perplexity_result(model_nll, total_tokens),
-        reference=_perplexity_result(reference_nll, total_tokens),
-        window_kl=window_kl,
-    )
+    return {
+        name: KLResult(
+            tokens=total_tokens,
+            kl=total["kl"] / total_tokens,
+            model=_perplexity_result(total["nll"], total_tokens),
+            reference=_perplexity_result(reference_nll, total_tokens),
+            window_kl=total["window_kl"],
+        )
+        for name, total in totals.items()
+    }
 
 
 def wikitext_rows(path: str | Path) -> list[str]:
