@@ -26,7 +26,10 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
 5. the evaluation's own noise: per run where two methods' rows carry their held-out KL per window
    (``held_out_window_kl``), their KL difference and its standard error over the windows (the same windows:
    what a second held-out text of that size could move the difference by);
-6. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+6. with ``--choices FILES``: runs whose default row is not among the inputs (rows on a longer held-out text,
+   ``evaluate_checkpoints.py``) take the default's choice from those files' default rows (made on the same
+   calibration tokens, so the same choice whatever the held-out text) and its chosen method's row as the default's;
+7. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
 
@@ -79,6 +82,24 @@ def read_any(path: Path, pruner: str) -> list[dict]:
     return rows
 
 
+def stand_in_defaults(rows: dict, choice_rows: dict, solver_seeds: list[int]) -> int:
+    """Add to ``rows`` a default row per run that lacks one: its chosen method's (or the pruner alone's) row, the
+    choice read from ``choice_rows``' default row of that run. The default's model is a function of the calibration
+    tokens and the solver seed alone, so its choice holds on any held-out text. Returns the runs added."""
+    added = 0
+    for (name, cal), chooser in choice_rows.items():
+        solver = next((k for k in solver_seeds if name == label("default", k)), None)
+        if solver is None or (name, cal) in rows:
+            continue
+        chosen = chooser.get("chosen_configuration")
+        source = rows.get(("pruner alone", cal)) if chosen == "identity" else (
+            rows.get((label(chosen, solver), cal)) if chosen in METHODS[1:] else None)
+        if source is not None:
+            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True}
+            added += 1
+    return added
+
+
 def label(method: str, solver_seed: int) -> str:
     return SEED_ZERO_LABELS[method] if solver_seed == 0 else SEEDED_LABELS[method].format(solver_seed)
 
@@ -106,7 +127,7 @@ def run_grid(rows: dict, solver_seeds: list[int]) -> tuple[dict, set, set]:
                     raise SystemExit(f"calibration seed {cal}, solver seed {solver}: the default chose {method}'s "
                                      f"configuration but its KL {default['held_out_kl']} differs from the {method} "
                                      f"method's {row['held_out_kl']}: not the same model")
-                elif chosen == method and reported == method:
+                elif chosen == method and reported == method and not default.get("stands_in"):
                     checked.add((cal, solver, method))
                 if row is not None:
                     grid[cal, solver, method] = row
@@ -312,18 +333,23 @@ def main(argv=None) -> int:
     parser.add_argument("--against", help="label prefix of a contender's rows (``<prefix>, solver seed K``)")
     parser.add_argument("--versus", nargs="+", default=[],
                         help="with --against: label prefixes of other contenders to pair it with, run by run")
+    parser.add_argument("--choices", type=Path, nargs="+", default=[],
+                        help="rows whose default rows name the default's choice in runs the inputs lack a default row for")
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], dict] = {}
     for path in args.inputs:
         for row in read_any(path, args.pruner):
             rows[row["label"], row["seed"]] = row
+    choice_rows = {(row["label"], row["seed"]): row for path in args.choices for row in read_any(path, args.pruner)}
+    stood_in = stand_in_defaults(rows, choice_rows, args.solver_seeds)
     grid, filled, checked = run_grid(rows, args.solver_seeds)
     print(f"`python benchmarks/solver_seed_pairs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(per_run_table(grid, filled)), "\n")
     inferred = sum(row["choice_inferred"] for (_, _, method), row in grid.items() if method == "default")
     print(f"In {len(checked)} runs the chosen method's own row was measured too: the same model, to every digit. "
-          f"In {inferred} runs the rows do not name the choice: it is the candidate with the default's very KL.\n")
+          f"In {inferred} runs the rows do not name the choice: it is the candidate with the default's very KL. "
+          f"In {stood_in} runs the default's row is its chosen method's, the choice read from the --choices rows.\n")
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
     print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
     if args.against:

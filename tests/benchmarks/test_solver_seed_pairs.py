@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from solver_seed_pairs import contender_table, evaluation_noise, run_grid, selector_table, share, versus_line
+from solver_seed_pairs import (
+    contender_table,
+    evaluation_noise,
+    run_grid,
+    selector_table,
+    share,
+    stand_in_defaults,
+    versus_line,
+)
 
 
 def row(label: str, seed: int, kl: float, chosen: str | None = None) -> dict:
@@ -29,6 +37,20 @@ def test_the_default_stands_for_the_method_it_chose_and_must_agree_with_it():
     # one model evaluated with another summation order (per window) agrees to about 1e-7: the same model
     resummed = keyed(row("select, solver seed 1", 0, 1.5, "ria"), row("method ria, solver seed 1", 0, 1.5 + 2e-7))
     assert run_grid(resummed, [1])[2] == {(0, 1, "ria")}
+
+
+def test_a_default_row_stands_in_from_its_choice_on_other_rows_and_is_not_counted_as_checked():
+    longer = keyed(row("ria", 0, 1.2), row("greedy", 0, 1.3), row("method ria, solver seed 1", 0, 1.25),
+                   row("method greedy, solver seed 1", 0, 1.1), row("pruner alone", 1, 2.0))
+    choices = keyed(row("default (select)", 0, 1.5, "greedy"), row("select, solver seed 1", 0, 1.4, "ria"),
+                    row("select, solver seed 1", 1, 1.9, "identity"), row("select, solver seed 2", 0, 1.9, "ria"))
+    assert stand_in_defaults(longer, choices, [0, 1, 2]) == 3  # solver seed 2's ria row is not measured
+    assert longer["default (select)", 0]["held_out_kl"] == 1.3 and longer["select, solver seed 1", 0]["held_out_kl"] == 1.25
+    assert longer["select, solver seed 1", 1]["held_out_kl"] == 2.0  # the stored order: the pruner alone's model
+    grid, filled, checked = run_grid(longer, [0, 1])
+    assert grid[0, 0, "default"]["chosen_configuration"] == "greedy" and not filled and not checked
+    measured = keyed(row("default (select)", 0, 1.0, "ria"))
+    assert stand_in_defaults(measured, choices, [0]) == 0 and measured["default (select)", 0]["held_out_kl"] == 1.0
 
 
 def test_a_run_py_default_is_the_candidate_with_its_very_kl_and_the_selector_is_scored_on_it():
