@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", type=Path, nargs="+", help="later files' rows replace earlier ones'")
     parser.add_argument("--solver-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--calibration-seeds", type=int, nargs="+",
+                        help="only these calibration seeds' rows (to compare with rows measured on fewer seeds)")
     parser.add_argument("--selectors", nargs="+", default=[],
                         help="label prefixes of other select rows (``<prefix>, solver seed K``) to judge as selectors")
     parser.add_argument("--against", help="label prefix of a contender's rows (``<prefix>, solver seed K``)")
@@ -340,7 +342,8 @@ def main(argv=None) -> int:
     rows: dict[tuple[str, int], dict] = {}
     for path in args.inputs:
         for row in read_any(path, args.pruner):
-            rows[row["label"], row["seed"]] = row
+            if args.calibration_seeds is None or row["seed"] in args.calibration_seeds:
+                rows[row["label"], row["seed"]] = row
     choice_rows = {(row["label"], row["seed"]): row for path in args.choices for row in read_any(path, args.pruner)}
     stood_in = stand_in_defaults(rows, choice_rows, args.solver_seeds)
     grid, filled, checked = run_grid(rows, args.solver_seeds)

@@ -107,3 +107,19 @@ def test_rows_without_the_pruner_alone_have_no_gap_share_and_no_selector_score()
     grid, _, _ = run_grid(rows, [0])
     assert share(rows, grid[0, 0, "default"], 0, "held_out_ppl") is None
     assert selector_table(rows, grid, [])[-1].startswith("|---")  # no run to score
+
+
+def test_calibration_seeds_keeps_only_those_seeds_runs(tmp_path, capsys):
+    import json
+
+    from solver_seed_pairs import main
+
+    rows = [row(name, seed, kl, chosen) for seed in (0, 1) for name, kl, chosen in
+            (("default (select)", 1.5 + seed, "ria"), ("ria", 1.5 + seed, None), ("greedy", 1.4 + seed, None),
+             ("pruner alone", 2.0 + seed, None), ("dense", 0.0, None))]
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": rows}))
+    main([str(tmp_path / "rows.json"), "--solver-seeds", "0"])
+    assert "| 1, 0 |" in capsys.readouterr().out
+    main([str(tmp_path / "rows.json"), "--solver-seeds", "0", "--calibration-seeds", "0"])
+    printed = capsys.readouterr().out
+    assert "| 0, 0 |" in printed and "| 1, 0 |" not in printed
