@@ -27,7 +27,7 @@ folder() { echo "$out/checkpoints/${pruner}_s$1_$(echo "$2" | tr -c 'a-zA-Z0-9\n
 compress() {  # calibration seed, label
   OMP_NUM_THREADS=1 "$python" "$here/end_to_end_ablation.py" --model smollm2-135m --pruner "$pruner" --seeds "$1" \
     --threads 1 --only "$2" --selection-only --checkpoint-dir "$(folder "$1" "$2")" \
-    --output-dir "$out/selection" > "$(folder "$1" "$2").log" 2>&1
+    > "$(folder "$1" "$2").log" 2>&1  # --selection-only writes no tables: the log holds the row
 }
 
 mkdir -p "$out/checkpoints"
