@@ -30,6 +30,7 @@ import real_model  # noqa: E402
 from comparison import IGNORE, load_model  # noqa: E402
 from run import source_revision  # noqa: E402
 
+from learned_permutation.math import parse_mask_structure  # noqa: E402
 from learned_permutation.plugin.artifacts import REPORT_FILE  # noqa: E402
 from learned_permutation.tools.evaluation import check_nm_sparsity, kl_divergences, perplexity  # noqa: E402
 
@@ -71,7 +72,7 @@ def evaluate(checkpoints: dict[str, Path], seed: int, windows: int, pattern: str
     model_dir, _, c4_text, wikitext = real_model.build_data(data)
     dense = load_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    n, m = (int(part) for part in pattern.split(":"))
+    n, m = parse_mask_structure(pattern)
     models = {label: load_model(path) for label, path in checkpoints.items()}
     for label, model in models.items():
         check = check_nm_sparsity(model, n, m, IGNORE)
