@@ -25,7 +25,7 @@ from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE, REPORT_FILE,
 from learned_permutation.tools.compress import compress
 from learned_permutation.tools.evaluation import (
     check_nm_sparsity,
-    kl_divergence,
+    kl_divergences,
     layer_reconstruction_errors,
     perplexity,
 )
@@ -224,26 +224,44 @@ class Comparison:
         start = time.perf_counter()
         compress(model, self.tokenizer, variant.recipe(), self.calibration, self.seq_len, output_dir, self.pipeline)
         result.oneshot_seconds = time.perf_counter() - start
-        report = output_dir / REPORT_FILE
-        if report.is_file():
-            result.permutation_seconds = json.loads(report.read_text())["total_seconds"]
+        result.permutation_seconds = saved_report(output_dir).get("total_seconds")
 
     def _evaluate(self, variant: Variant, model, result: Result) -> None:
-        texts, seq_len, batch = self.texts, self.eval_seq_len, self.eval_batch_size
-        held_out = kl_divergence(self.dense, model, self.tokenizer, texts.held_out, seq_len, batch,
-                                 texts.max_windows.get("held-out"))
-        result.ppl["held-out"], result.kl_to_dense, result.window_kl = held_out.model.ppl, held_out.kl, held_out.window_kl
-        for label, text in texts.extra.items():
-            windows = texts.max_windows.get(label)
-            result.ppl[label] = perplexity(model, self.tokenizer, text, seq_len, batch, windows).ppl
-        if variant.pruner is None:
-            return
-        n, m = parse_mask_structure(variant.pattern)
-        check = check_nm_sparsity(model, n, m, IGNORE)
-        result.exact_nm = check.ok
-        if not check.ok:
-            raise RuntimeError(f"{variant.name}: not exactly {variant.pattern} in storage order: {check.failures}")
-        result.layer_errors = self._layer_errors(variant, model)
+        if variant.pruner is not None:
+            result.exact_nm = check_exact_nm(variant.name, model, variant.pattern)
+        self._measure({variant.name: model}, {variant.name: result})
+        if variant.pruner is not None:
+            result.layer_errors = self._layer_errors(variant, model)
+
+    def evaluate_saved(self, checkpoints: dict[str, Path], pattern: str) -> tuple[dict[str, Result], Result]:
+        """Saved ``pattern`` checkpoints (by label) measured as ``run`` measures a row, less layer errors, against
+        one dense pass shared by them all; and the dense row, from that same pass. Every checkpoint's exact N:M
+        pattern is checked before any text is evaluated."""
+        models = {label: load_model(path) for label, path in checkpoints.items()}
+        results = {label: Result(label, None, "saved", pattern) for label in checkpoints}
+        for label, model in models.items():
+            results[label].exact_nm = check_exact_nm(label, model, pattern)
+        dense = Result("dense", None, "none", "dense", ppl={"held-out": self._measure(models, results)})
+        for label, text in self.texts.extra.items():
+            dense.ppl[label] = self._perplexity(self.dense, label, text)
+        return results, dense
+
+    def _measure(self, models: dict, results: dict[str, Result]) -> float:
+        """Held-out perplexity and KL to dense (one dense pass for all ``models``) and the extra texts'
+        perplexity, into ``results`` (same keys); returns the dense model's held-out perplexity, from that pass."""
+        texts = self.texts
+        held_out = kl_divergences(self.dense, models, self.tokenizer, texts.held_out, self.eval_seq_len,
+                                  self.eval_batch_size, texts.max_windows.get("held-out"))
+        for label, model in models.items():
+            result, measured = results[label], held_out[label]
+            result.ppl["held-out"], result.kl_to_dense, result.window_kl = measured.model.ppl, measured.kl, measured.window_kl
+            for text_label, text in texts.extra.items():
+                result.ppl[text_label] = self._perplexity(model, text_label, text)
+        return next(iter(held_out.values())).reference.ppl
+
+    def _perplexity(self, model, text_label: str, text: str) -> float:
+        windows = self.texts.max_windows.get(text_label)
+        return perplexity(model, self.tokenizer, text, self.eval_seq_len, self.eval_batch_size, windows).ppl
 
     def _layer_errors(self, variant: Variant, model) -> dict[str, float]:
         reference = load_model(self.model_dir)
@@ -253,6 +271,21 @@ class Comparison:
             reference, model, self.tokenizer, self.texts.held_out, self.eval_seq_len, self.eval_batch_size,
             self.layer_error_windows, IGNORE,
         )
+
+
+def check_exact_nm(label: str, model, pattern: str) -> bool:
+    """True if every pruned Linear of ``model`` is exactly ``pattern`` in storage order; raises otherwise."""
+    n, m = parse_mask_structure(pattern)
+    check = check_nm_sparsity(model, n, m, IGNORE)
+    if not check.ok:
+        raise RuntimeError(f"{label}: not exactly {pattern} in storage order: {check.failures[:3]}")
+    return True
+
+
+def saved_report(checkpoint: Path) -> dict:
+    """The permutation report a checkpoint was saved with; {} for a checkpoint without one."""
+    report = checkpoint / REPORT_FILE
+    return json.loads(report.read_text()) if report.is_file() else {}
 
 
 def fill_gap_closed(results: list[Result]) -> None:

@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model  # noqa: E402
 from run import REPO, build_setup, source_revision  # noqa: E402
 
-from comparison import Comparison, EvalTexts, Variant, load_model  # noqa: E402
-from learned_permutation.plugin.artifacts import REPORT_FILE  # noqa: E402
+from comparison import Comparison, EvalTexts, Variant, saved_report  # noqa: E402
 
 
 def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> list[tuple[str, Variant]]:
@@ -137,8 +136,7 @@ def main(argv=None) -> int:
         name, comparison = comparison_for(args, seed)
         for label, variant in chosen_rows:
             result = comparison.run(variant, evaluate=not args.selection_only)
-            report_file = comparison.checkpoint_dir(variant) / REPORT_FILE
-            full_report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+            full_report = saved_report(comparison.checkpoint_dir(variant))
             report = full_report.get("end_to_end", {})
             rows.append({"model": name, "seed": seed, "label": label, "variant": variant.name,
                          "held_out_ppl": result.ppl.get("held-out"), "wikitext2_ppl": result.ppl.get("wikitext2"),
@@ -174,9 +172,7 @@ def comparison_for(args, seed: int) -> tuple[str, Comparison]:
     """The model's name and its comparison for calibration seed ``seed``: SmolLM2 as ``real_model.py``
     measures it (C4 held-out and WikiText-2), the small models as ``run.py`` does."""
     if args.model == real_model.NAME:
-        settings = argparse.Namespace(num_samples=32, seq_len=512, eval_windows=args.eval_windows, eval_seq_len=512, seed=seed,
-                                      layer_error_windows=2, checkpoint_dir=args.checkpoint_dir)
-        return real_model.NAME, real_model.comparison(settings)
+        return real_model.NAME, real_model.comparison(real_model.paired_run_settings(seed, args.eval_windows, args.checkpoint_dir))
     setup = build_setup(argparse.Namespace(model=args.model, num_samples=128, seq_len=256, held_out_samples=32,
                                            seed=0, held_out_chars=400_000), seed)
     return setup.name, Comparison(setup.model_dir, setup.calibration, 256, EvalTexts(setup.held_out),

@@ -2,8 +2,9 @@
 
 ``end_to_end_ablation.py`` evaluates each row as it makes it, the dense model's pass included; on the 64-window
 text that pass is a third of a row's evaluation. Here every checkpoint of one calibration seed shares one dense
-pass (``kl_divergences``). Make the checkpoints with ``end_to_end_ablation.py --selection-only``, one
-``--checkpoint-dir`` per row so none overwrites another, then:
+pass (``Comparison.evaluate_saved``, with ``end_to_end_ablation.py``'s SmolLM2 settings, so the same numbers).
+Make the checkpoints with ``end_to_end_ablation.py --selection-only``, one ``--checkpoint-dir`` per row so none
+overwrites another, then:
 
     python benchmarks/evaluate_checkpoints.py --seed 1 --eval-windows 64 \\
         --checkpoint "pruner alone=/tmp/ck/alone" --checkpoint "ria=/tmp/ck/ria" ... --output rows.json
@@ -23,18 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model  # noqa: E402
-from comparison import IGNORE, load_model  # noqa: E402
+from comparison import saved_report  # noqa: E402
 from run import source_revision  # noqa: E402
 
 from learned_permutation.math import parse_mask_structure  # noqa: E402
-from learned_permutation.plugin.artifacts import REPORT_FILE  # noqa: E402
-from learned_permutation.tools.evaluation import check_nm_sparsity, kl_divergences, perplexity  # noqa: E402
-
-BATCH = 8  # real_model.comparison's evaluation batch: the same sums, so the same numbers as its rows
 
 
 def checkpoint_path(folder: Path) -> Path:
@@ -59,37 +55,22 @@ def parse_checkpoints(entries: list[str]) -> dict[str, Path]:
     return checkpoints
 
 
-def report_fields(checkpoint: Path) -> dict:
-    report_file = checkpoint / REPORT_FILE
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    return {"modifier_seconds": report.get("total_seconds"), "chosen_configuration": report.get("chosen_configuration"),
-            "configuration_calibration_losses": report.get("configuration_calibration_losses")}
-
-
 def evaluate(checkpoints: dict[str, Path], seed: int, windows: int, pattern: str) -> list[dict]:
     """One row per checkpoint and a dense row, on calibration seed ``seed``'s held-out C4 and on WikiText-2."""
-    data = argparse.Namespace(num_samples=32, seq_len=512, eval_windows=windows, eval_seq_len=512, seed=seed)
-    model_dir, _, c4_text, wikitext = real_model.build_data(data)
-    dense = load_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    n, m = parse_mask_structure(pattern)
-    models = {label: load_model(path) for label, path in checkpoints.items()}
-    for label, model in models.items():
-        check = check_nm_sparsity(model, n, m, IGNORE)
-        if not check.ok:
-            raise SystemExit(f"{label}: not exactly {pattern} in storage order: {check.failures[:3]}")
-    kl = kl_divergences(dense, models, tokenizer, c4_text, 512, BATCH, windows)
+    comparison = real_model.comparison(real_model.paired_run_settings(seed, windows))
+    results, dense = comparison.evaluate_saved(checkpoints, pattern)
     rows = []
-    for label, model in models.items():
+    for label, result in results.items():
+        report = saved_report(checkpoints[label])
         rows.append({"model": real_model.NAME, "seed": seed, "label": label, "checkpoint": str(checkpoints[label]),
-                     "held_out_ppl": kl[label].model.ppl,
-                     "wikitext2_ppl": perplexity(model, tokenizer, wikitext, 512, BATCH, windows).ppl,
-                     "held_out_kl": kl[label].kl, "held_out_window_kl": kl[label].window_kl,
-                     **report_fields(checkpoints[label])})
+                     "held_out_ppl": result.ppl["held-out"], "wikitext2_ppl": result.ppl["wikitext2"],
+                     "held_out_kl": result.kl_to_dense, "held_out_window_kl": result.window_kl,
+                     "modifier_seconds": report.get("total_seconds"),
+                     "chosen_configuration": report.get("chosen_configuration"),
+                     "configuration_calibration_losses": report.get("configuration_calibration_losses")})
         print(json.dumps({key: value for key, value in rows[-1].items() if key != "held_out_window_kl"}), flush=True)
-    dense_c4 = next(iter(kl.values())).reference.ppl
-    rows.append({"model": real_model.NAME, "seed": seed, "label": "dense", "held_out_ppl": dense_c4,
-                 "wikitext2_ppl": perplexity(dense, tokenizer, wikitext, 512, BATCH, windows).ppl, "held_out_kl": 0.0})
+    rows.append({"model": real_model.NAME, "seed": seed, "label": "dense", "held_out_ppl": dense.ppl["held-out"],
+                 "wikitext2_ppl": dense.ppl["wikitext2"], "held_out_kl": 0.0})
     return rows
 
 
@@ -103,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help=".json the rows are written to")
     args = parser.parse_args(argv)
     checkpoints = parse_checkpoints(args.checkpoint)  # before any loading: a wrong path fails at once
+    parse_mask_structure(args.pattern)  # and so does a malformed pattern
     torch.set_num_threads(args.threads)
     started, revision = time.perf_counter(), source_revision()
     rows = evaluate(checkpoints, args.seed, args.eval_windows, args.pattern)

@@ -79,6 +79,14 @@ def build_data(args):
     return model_dir, calibration, "\n\n".join(texts), wikitext
 
 
+def paired_run_settings(seed: int, eval_windows: int, checkpoint_dir: Path = REPO / "outputs" / "end_to_end",
+                        layer_error_windows: int = 2) -> argparse.Namespace:
+    """``comparison``'s settings for the paired runs of docs/results.md (sessions 15-20): calibration seed ``seed``'s
+    32 x 512 C4 calibration tokens, ``eval_windows`` held-out C4 and WikiText-2 windows of 512 tokens."""
+    return argparse.Namespace(num_samples=32, seq_len=512, eval_windows=eval_windows, eval_seq_len=512, seed=seed,
+                              layer_error_windows=layer_error_windows, checkpoint_dir=checkpoint_dir)
+
+
 def comparison(args) -> Comparison:
     model_dir, calibration, c4_text, wikitext = build_data(args)
     texts = EvalTexts(c4_text, {"wikitext2": wikitext}, {"held-out": args.eval_windows, "wikitext2": args.eval_windows})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -94,3 +95,33 @@ def test_variant_the_model_cannot_take_is_skipped_not_run(comparison):
     assert result.skipped and "not a multiple of 128" in result.skipped
     assert not comparison.checkpoint_dir(Variant("wanda", "none", "2:128")).exists()
     assert "skipped: " in results_table([result])
+
+
+@contextlib.contextmanager
+def _forwards_of(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_saved_checkpoints_share_one_dense_pass_and_match_their_rows(comparison):
+    rows = {method: comparison.run(Variant("wanda", method, "2:4")) for method in ("none", "ria")}
+    checkpoints = {method: comparison.checkpoint_dir(Variant("wanda", method, "2:4")) for method in rows}
+    with _forwards_of(comparison.dense) as one:
+        comparison.evaluate_saved({"none": checkpoints["none"]}, "2:4")
+    with _forwards_of(comparison.dense) as two:
+        results, dense = comparison.evaluate_saved(checkpoints, "2:4")
+    assert len(two) == len(one) > 0  # a second checkpoint adds no dense forward
+    for method, row in rows.items():
+        assert results[method].ppl == row.ppl and results[method].kl_to_dense == row.kl_to_dense
+        assert results[method].window_kl == row.window_kl and results[method].exact_nm is True
+    assert dense.ppl == comparison.run(Variant()).ppl
+
+
+def test_a_saved_checkpoint_not_n_m_fails_before_any_text_is_evaluated(comparison):
+    with _forwards_of(comparison.dense) as calls, pytest.raises(RuntimeError, match="dense: not exactly 2:4"):
+        comparison.evaluate_saved({"dense": comparison.model_dir}, "2:4")
+    assert calls == []
