@@ -84,8 +84,9 @@ def read_any(path: Path, pruner: str) -> list[dict]:
 
 def stand_in_defaults(rows: dict, choice_rows: dict, solver_seeds: list[int]) -> int:
     """Add to ``rows`` a default row per run that lacks one: its chosen method's (or the pruner alone's) row, the
-    choice read from ``choice_rows``' default row of that run. The default's model is a function of the calibration
-    tokens and the solver seed alone, so its choice holds on any held-out text. Returns the runs added."""
+    choice read from ``choice_rows``' default row of that run, with the calibration losses it chose by. The default's
+    model is a function of the calibration tokens and the solver seed alone, so its choice holds on any held-out
+    text. Returns the runs added."""
     added = 0
     for (name, cal), chooser in choice_rows.items():
         solver = next((k for k in solver_seeds if name == label("default", k)), None)
@@ -95,7 +96,8 @@ def stand_in_defaults(rows: dict, choice_rows: dict, solver_seeds: list[int]) ->
         source = rows.get(("pruner alone", cal)) if chosen == "identity" else (
             rows.get((label(chosen, solver), cal)) if chosen in METHODS[1:] else None)
         if source is not None:
-            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True}
+            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
+                               "configuration_calibration_losses": chooser.get("configuration_calibration_losses")}
             added += 1
     return added
 

@@ -44,7 +44,9 @@ def test_a_default_row_stands_in_from_its_choice_on_other_rows_and_is_not_counte
                    row("method greedy, solver seed 1", 0, 1.1), row("pruner alone", 1, 2.0))
     choices = keyed(row("default (select)", 0, 1.5, "greedy"), row("select, solver seed 1", 0, 1.4, "ria"),
                     row("select, solver seed 1", 1, 1.9, "identity"), row("select, solver seed 2", 0, 1.9, "ria"))
+    choices["select, solver seed 1", 0]["configuration_calibration_losses"] = {"ria": {"kl": 1.9}, "greedy": {"kl": 2.0}}
     assert stand_in_defaults(longer, choices, [0, 1, 2]) == 3  # solver seed 2's ria row is not measured
+    assert longer["select, solver seed 1", 0]["configuration_calibration_losses"]["ria"] == {"kl": 1.9}  # for best_of_seeds
     assert longer["default (select)", 0]["held_out_kl"] == 1.3 and longer["select, solver seed 1", 0]["held_out_kl"] == 1.25
     assert longer["select, solver seed 1", 1]["held_out_kl"] == 2.0  # the stored order: the pruner alone's model
     grid, filled, checked = run_grid(longer, [0, 1])
