@@ -74,6 +74,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
             Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria@wanda")),
                                                      ("simulate_sparsegpt_update", True))))]
           if pruner == "sparsegpt" else []),
+        # the same at each solver seed: does scoring SparseGPT's own weights pick the better of ria and greedy where
+        # the mask-only score picks greedy too often (docs/results.md, "Session 21")?
+        *(seeded("select, update simulated", (0, 1, 2), ("simulate_sparsegpt_update", True)) if pruner == "sparsegpt" else []),
         # the default with another seed for its random choices (the residual's sampled reader rows): equally good
         # configurations, so their spread is the noise floor a comparison between methods is read against
         *seeded("select", (1, 2)),
