@@ -22,7 +22,8 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
 4. with ``--against PREFIX``: a contender (rows ``PREFIX, solver seed K`` at every K, 0 included, e.g. the
    default with another setting) paired with the default, ``ria`` and ``greedy`` over the runs where it and
    they were measured, and against the same solver's configuration without its setting where it chose ``ria``
-   or ``greedy``; with ``--versus PREFIX`` too, against that other contender over the runs both measured;
+   or ``greedy``; with ``--versus PREFIX`` too, against that other contender over the runs both measured. A
+   contender's ``--selection-only`` row (a choice only) stands for the model it chose in its run;
 5. the evaluation's own noise: per run where two methods' rows carry their held-out KL per window
    (``held_out_window_kl``), their KL difference and its standard error over the windows (the same windows:
    what a second held-out text of that size could move the difference by);
@@ -100,6 +101,24 @@ def stand_in_defaults(rows: dict, choice_rows: dict, solver_seeds: list[int]) ->
                                "configuration_calibration_losses": chooser.get("configuration_calibration_losses")}
             added += 1
     return added
+
+
+def stand_in_contenders(rows: dict, grid: dict, prefixes: list[str], solver_seeds: list[int]) -> int:
+    """Give each ``--selection-only`` row of ``prefixes`` (a choice, no held-out numbers) the row of the model it
+    chose in its run: the pruner alone's or that run's ``ria`` / ``greedy`` model (a selector only chooses among
+    the candidates the solves made, which its setting does not change). Returns the rows filled."""
+    filled = 0
+    for (name, cal), row in list(rows.items()):
+        solver = next((k for k in solver_seeds for prefix in prefixes if name == f"{prefix}, solver seed {k}"), None)
+        chosen = row.get("chosen_configuration")
+        if solver is None or row.get("held_out_kl") is not None or chosen is None:
+            continue
+        source = rows.get(("pruner alone", cal)) if chosen == "identity" else grid.get((cal, solver, chosen))
+        if source is not None:
+            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
+                               "configuration_calibration_losses": row.get("configuration_calibration_losses")}
+            filled += 1
+    return filled
 
 
 def label(method: str, solver_seed: int) -> str:
@@ -349,12 +368,15 @@ def main(argv=None) -> int:
     choice_rows = {(row["label"], row["seed"]): row for path in args.choices for row in read_any(path, args.pruner)}
     stood_in = stand_in_defaults(rows, choice_rows, args.solver_seeds)
     grid, filled, checked = run_grid(rows, args.solver_seeds)
+    contenders = [prefix for prefix in [args.against, *args.versus] if prefix]
+    chose_only = stand_in_contenders(rows, grid, contenders, args.solver_seeds)
     print(f"`python benchmarks/solver_seed_pairs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(per_run_table(grid, filled)), "\n")
     inferred = sum(row["choice_inferred"] for (_, _, method), row in grid.items() if method == "default")
     print(f"In {len(checked)} runs the chosen method's own row was measured too: the same model, to every digit. "
           f"In {inferred} runs the rows do not name the choice: it is the candidate with the default's very KL. "
-          f"In {stood_in} runs the default's row is its chosen method's, the choice read from the --choices rows.\n")
+          f"In {stood_in} runs the default's row is its chosen method's, the choice read from the --choices rows. "
+          f"{chose_only} contender rows are choices alone (--selection-only): their chosen candidate's model's.\n")
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
     print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
     if args.against:

@@ -10,6 +10,7 @@ from solver_seed_pairs import (
     run_grid,
     selector_table,
     share,
+    stand_in_contenders,
     stand_in_defaults,
     versus_line,
 )
@@ -77,6 +78,25 @@ def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured()
     assert table["ria"][4].startswith("2 / 0 / 0, -0.1500 ± 0.0500")  # 1.3 - 1.5 and 1.8 - 1.9
     assert table["greedy"][4].startswith("1 / 0 / 1, +0.0000 ± 0.1000")  # 1.3 - 1.4 and 1.8 - 1.7
     assert table["the solver it chose"][4].startswith("2 / 0 / 0, -0.1000 ± 0.0000")  # 1.3 - greedy 1.4, 1.8 - ria 1.9
+
+
+def test_a_selection_only_contender_stands_for_the_model_it_chose():
+    rows = keyed(row("default (select)", 0, 1.5, "ria"), row("greedy", 0, 1.4), row("pruner alone", 0, 2.0),
+                 row("select, solver seed 1", 0, 1.7, "greedy"), row("method ria, solver seed 1", 0, 1.9),
+                 row("dense", 0, 0.0))
+    choices = {"select, dense, solver seed 0": "greedy", "select, dense, solver seed 1": "identity"}
+    for name, chosen in choices.items():  # a --selection-only row: its choice, no held-out numbers
+        rows[name, 0] = {"label": name, "seed": 0, "held_out_ppl": None, "wikitext2_ppl": None, "held_out_kl": None,
+                         "chosen_configuration": chosen, "configuration_calibration_losses": {chosen: {"kl": 1.0}}}
+    rows["select, dense, solver seed 2", 0] = {**rows["select, dense, solver seed 0", 0], "label": "select, dense, solver seed 2"}
+    grid, _, _ = run_grid(rows, [0, 1])
+    assert stand_in_contenders(rows, grid, ["select, dense"], [0, 1]) == 2  # solver seed 2 is not in the grid
+    assert rows["select, dense, solver seed 0", 0]["held_out_kl"] == 1.4  # greedy's model at solver seed 0
+    assert rows["select, dense, solver seed 1", 0]["held_out_kl"] == 2.0  # the stored order: the pruner alone's
+    assert rows["select, dense, solver seed 1", 0]["chosen_configuration"] == "identity"
+    assert rows["select, dense, solver seed 2", 0]["held_out_kl"] is None
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in contender_table(rows, grid, "select, dense")[4:]}
+    assert table["default"][4].startswith("1 / 0 / 1, +0.1000 ± 0.2000")  # 1.4 - 1.5 and 2.0 - 1.7
 
 
 def test_a_contender_is_paired_with_another_only_on_the_runs_both_measured():
