@@ -30,7 +30,9 @@ model against the ``ria`` and ``greedy`` models of that very run. This reads ``e
 6. with ``--choices FILES``: runs whose default row is not among the inputs (rows on a longer held-out text,
    ``evaluate_checkpoints.py``) take the default's choice from those files' default rows (made on the same
    calibration tokens, so the same choice whatever the held-out text) and its chosen method's row as the default's;
-7. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
+7. per run where the default's row has its calibration losses: the calibration KL difference between ``greedy``
+   and ``ria`` beside the held-out one (does the calibration score lean toward one solver?);
+8. best of the solver seeds: per calibration set, the configuration with the lowest calibration KL among every
    solver seed's candidates (those passes score the same tokens, whatever the seed: checked on the stored
    order's loss), with its held-out numbers; what choosing among several seeds' solves would give.
 
@@ -320,6 +322,26 @@ def evaluation_noise(grid: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def calibration_versus_held_out(grid: dict) -> list[str]:
+    """Per run where the default's row carries its calibration losses and both methods' models were measured: the
+    calibration KL difference ``greedy`` - ``ria`` that the default chose by, beside the held-out one, and their
+    means (a selector biased toward one solver shows as a calibration mean below or above the held-out mean)."""
+    pairs = []
+    for cal, solver in sorted({(c, s) for c, s, _ in grid}):
+        losses = grid[cal, solver, "default"].get("configuration_calibration_losses") or {}
+        if {"ria", "greedy"} <= set(losses) and all((cal, solver, m) in grid for m in METHODS[1:]):
+            held_out = grid[cal, solver, "greedy"]["held_out_kl"] - grid[cal, solver, "ria"]["held_out_kl"]
+            pairs.append((cal, solver, losses["greedy"]["kl"] - losses["ria"]["kl"], held_out))
+    if not pairs:
+        return []
+    lines = ["| calibration seed, solver seed | calibration KL, greedy - ria | held-out KL, greedy - ria | same sign |",
+             "|---|---|---|---|"]
+    lines += [f"| {cal}, {solver} | {c:+.4f} | {h:+.4f} | {'yes' if c * h > 0 else 'no'} |" for cal, solver, c, h in pairs]
+    lines.append(f"| mean over {len(pairs)} runs | {_mean_and_error([c for *_, c, _ in pairs])} | "
+                 f"{_mean_and_error([h for *_, h in pairs])} | {sum(c * h > 0 for *_, c, h in pairs)} of {len(pairs)} |")
+    return lines
+
+
 def best_of_seeds(rows: dict, grid: dict, solver_seeds: list[int]) -> list[str]:
     """Per calibration set: the lowest calibration KL among every solver seed's candidate configurations."""
     lines = ["| calibration seed | chosen among seeds (calibration KL) | its model: C4 / WikiText-2 (KL) | "
@@ -382,6 +404,9 @@ def main(argv=None) -> int:
     if args.against:
         lines = contender_table(rows, grid, args.against)
         print("\n".join(lines + [versus_line(rows, args.against, other, args.solver_seeds) for other in args.versus]), "\n")
+    calibration = calibration_versus_held_out(grid)
+    if calibration:
+        print("\n".join(calibration), "\n")
     noise = evaluation_noise(grid)
     if noise:
         print("\n".join(noise), "\n")

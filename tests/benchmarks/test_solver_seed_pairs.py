@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from solver_seed_pairs import (
+    calibration_versus_held_out,
     contender_table,
     evaluation_noise,
     run_grid,
@@ -145,3 +146,15 @@ def test_calibration_seeds_keeps_only_those_seeds_runs(tmp_path, capsys):
     main([str(tmp_path / "rows.json"), "--solver-seeds", "0", "--calibration-seeds", "0"])
     printed = capsys.readouterr().out
     assert "| 0, 0 |" in printed and "| 1, 0 |" not in printed
+
+
+def test_the_calibration_difference_is_set_beside_the_held_out_one_per_run():
+    rows = keyed(row("default (select)", 0, 1.4, "greedy"), row("ria", 0, 1.3), row("pruner alone", 0, 2.0),
+                 row("select, solver seed 1", 0, 1.5, "ria"), row("method greedy, solver seed 1", 0, 1.45))
+    rows["default (select)", 0]["configuration_calibration_losses"] = {"ria": {"kl": 2.0}, "greedy": {"kl": 1.9}}
+    rows["select, solver seed 1", 0]["configuration_calibration_losses"] = {"ria": {"kl": 1.8}, "greedy": {"kl": 1.85}}
+    grid, _, _ = run_grid(rows, [0, 1])
+    lines = calibration_versus_held_out(grid)
+    assert lines[2] == "| 0, 0 | -0.1000 | +0.1000 | no |"  # chose greedy by 0.1; greedy's model is 0.1 worse
+    assert lines[3] == "| 0, 1 | +0.0500 | -0.0500 | no |"
+    assert lines[4] == "| mean over 2 runs | -0.0250 ± 0.0750 | +0.0250 ± 0.0750 | 0 of 2 |"
