@@ -89,10 +89,6 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # configurations scored on the whole 8,192-token sample instead of its first 2,048 tokens: does a longer
         # score pick the better of the default's candidates more often (the methods' rows above say which is)?
         *seeded("select, 8192 scored tokens", (0, 1, 2), ("scoring_tokens", 8192)),
-        # configurations masked by the dense model's statistics over the whole sample (one pass each, not two), on
-        # 2,048 and on 4,096 scored tokens (the latter costs what the default's two passes over 2,048 cost)
-        *seeded("select, dense statistics", (0, 1, 2), ("simulation_statistics", "dense")),
-        *seeded("select, dense statistics, 4096 scored", (0, 1, 2), ("simulation_statistics", "dense"), ("scoring_tokens", 4096)),
         # residual rows weighted by the dense model's loss sensitivity (plugin/sensitivity.py), at each solver seed,
         # and the candidates as methods with it (paired with the default's rows as above)
         *seeded("select, fisher residual", (0, 1, 2), ("residual_weighting", "fisher")),

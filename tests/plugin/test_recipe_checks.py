@@ -219,11 +219,6 @@ def test_scoring_more_tokens_than_the_sample_fails_at_recipe_parsing(llama_dir, 
     assert LearnedPermutationModifier(sample_tokens=1024)._scoring_tokens() == 1024  # the default follows it
 
 
-def test_dense_simulation_statistics_with_the_sparsegpt_update_fail_at_recipe_parsing(llama_dir, tmp_path):
-    recipe = modifier_recipe_file(tmp_path, "simulation_statistics: dense\n      simulate_sparsegpt_update: true")
-    assert_refused_before_forward(llama_dir, recipe, "simulation_statistics: dense cannot simulate SparseGPT's update")
-
-
 def modifier_recipe_file(directory, arguments: str) -> str:
     """A YAML recipe of the modifier alone (2:4) with ``arguments`` (YAML lines at the field indent)."""
     recipe = directory / "recipe.yaml"

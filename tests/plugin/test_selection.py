@@ -253,36 +253,6 @@ def test_simulated_loss_is_the_loss_of_the_folded_pruned_model(kind, kinds):
     assert prediction_losses(model, batch)["ce"] == dense_loss  # the Linears compute densely again
 
 
-def test_fixed_statistics_mask_every_layer_by_them_in_one_pass():
-    """With the dense model's statistics given, the simulation is the folded model pruned once from them (no
-    calibration pass per layer: each decoder layer runs once), not the sequentially pruned one."""
-    model = build_tiny_model("llama")
-    data = batches(model.config.vocab_size)
-    fixed = InputStatistics(full=False)
-    fixed.sums = input_energy(model, data)
-    site = find_sites(model, M, kinds=("residual",))[0]
-    perm = random_site_permutation(site, 5)
-    orders = {named.module: site.consumer_column_index(perm) for named in site.consumer_modules if named.module in fixed.sums}
-    batch = data[0]
-    dense = dense_positions(model, batch)
-    calls = Counter()  # every layer's __call__: one more per pass where the decoder records the layers' arguments
-    handles = [layer.register_forward_pre_hook(lambda module, _: calls.update([module])) for layer in model.model.layers]
-    simulated = SimulatedPruning(list(fixed.sums), WANDA, statistics=fixed).losses(model, batch, dense, orders)
-    one_pass = set(calls.values())
-    sequential = SimulatedPruning(list(fixed.sums), WANDA).losses(model, batch, dense, orders)
-    for handle in handles:
-        handle.remove()
-    assert one_pass == {2} and set(calls.values()) == {5}  # recorded + pruned; recorded + calibrated + pruned
-    folded = copy.deepcopy(model)
-    fold_permutation(folded, find_sites(folded, M, kinds=("residual",))[0], perm)
-    folded_dense = dense_positions(folded, batch)
-    wanda_prune_in_storage_order(folded, input_energy(folded, data))
-    assert simulated["kl"] == pytest.approx(prediction_losses(folded, batch, folded_dense)["kl"], rel=1e-4)
-    assert sequential["kl"] != pytest.approx(simulated["kl"], rel=1e-3)
-    with pytest.raises(ValueError, match="no fixed statistics"):
-        SimulatedPruning(list(fixed.sums), PrunerModel("sparsegpt", N, M, obs_block_size=128), statistics=fixed)
-
-
 def test_simulated_loss_depends_on_the_permutation():
     model = build_tiny_model("llama")
     data = batches(model.config.vocab_size)

@@ -141,11 +141,6 @@ class LearnedPermutationModifier(Modifier):
     :param scoring_tokens: ``select`` only: the sample's leading tokens each configuration is
         scored on (at most ``sample_tokens``; the default, 2,048, is cut to a smaller
         ``sample_tokens``); each costs two passes over them per configuration.
-    :param simulation_statistics: ``select`` only: the input statistics each scored configuration is masked
-        by: ``sequential`` (each layer's from a calibration pass over the scored tokens on the already pruned
-        layers' outputs, as llm-compressor's sequential pipeline gives the pruner; two passes per configuration)
-        or ``dense`` (the dense model's over the whole sample, from the layer pass; one pass per configuration).
-        ``dense`` cannot simulate SparseGPT's update, which reads each layer's Hessians.
     :param residual_weighting: how the residual readers' rows enter the residual solves: ``none``
         (a uniform random sample, every row's error counted alike) or ``fisher`` (each row weighted by
         the dense model's loss sensitivity to its output, the squared gradient of the cross-entropy on
@@ -198,7 +193,6 @@ class LearnedPermutationModifier(Modifier):
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     sample_tokens: int = Field(default=8192, ge=64)
     scoring_tokens: int = Field(default=SCORING_TOKENS, ge=64)
-    simulation_statistics: Literal["sequential", "dense"] = "sequential"
     residual_weighting: Literal["none", "fisher"] = "none"
     seed: int = 0
     objective: Literal["layer", "model"] = "layer"
@@ -272,14 +266,6 @@ class LearnedPermutationModifier(Modifier):
             raise ValueError(
                 f"scoring_tokens={self.scoring_tokens} exceeds sample_tokens={self.sample_tokens}: configurations "
                 "are scored on the sample's leading tokens; raise sample_tokens or lower scoring_tokens")
-        return self
-
-    @model_validator(mode="after")
-    def _check_simulation_statistics(self):
-        if self.simulation_statistics == "dense" and self.simulate_sparsegpt_update:
-            raise ValueError(
-                "simulation_statistics: dense cannot simulate SparseGPT's update, which reads each layer's Hessians "
-                "from a calibration pass on the pruned upstream; drop one of the two")
         return self
 
     def _scoring_tokens(self) -> int:
@@ -361,7 +347,6 @@ class LearnedPermutationModifier(Modifier):
                 seed=self.seed,
                 solver_args=self._candidate_solver_args(),
                 scoring_tokens=self._scoring_tokens(),
-                simulation_statistics=self.simulation_statistics,
                 residual_weighting=self.residual_weighting,
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),

@@ -87,7 +87,6 @@ class SearchSettings:
     seed: int = 0
     solver_args: dict[str, dict] = field(default_factory=dict)
     scoring_tokens: int = SCORING_TOKENS
-    simulation_statistics: str = "sequential"
     residual_weighting: str = "none"
     end_to_end: EndToEndArgs | None = None
 
@@ -232,8 +231,7 @@ class PermutationSearch:
         losses: dict[str, dict[str, float]] = {}
         if len(configurations) > 1:
             simulated = [m for m in self.pruned if m in energy.sums]
-            fixed = energy if self.settings.simulation_statistics == "dense" else None
-            simulation = SimulatedPruning(simulated, self.settings.pruner, device, statistics=fixed)
+            simulation = SimulatedPruning(simulated, self.settings.pruner, device)
 
             def score(configuration: dict) -> dict[str, float]:
                 orders = {named.module: site.consumer_column_index(perm)

@@ -91,13 +91,8 @@ class SimulatedPruning:
     (llm-compressor's ``sparsify_weight``: its mask and OBS update), one layer's at a time.
     """
 
-    def __init__(self, modules: Iterable[nn.Linear], pruner: PrunerModel, device: torch.device | str | None = None,
-                 statistics: InputStatistics | None = None):
-        """``statistics``: fixed input energies to mask by (e.g. the dense model's over the whole sample), instead
-        of each layer's calibration pass on the pruned upstream: one pass per configuration, not two."""
-        if statistics is not None and pruner.obs_block_size is not None:
-            raise ValueError("SparseGPT's update reads each layer's Hessians from its calibration pass: no fixed statistics")
-        self.modules, self.pruner, self.device, self.fixed = list(modules), pruner, device, statistics
+    def __init__(self, modules: Iterable[nn.Linear], pruner: PrunerModel, device: torch.device | str | None = None):
+        self.modules, self.pruner, self.device = list(modules), pruner, device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
         self._reset()
 
@@ -106,7 +101,7 @@ class SimulatedPruning:
         return self.pruner.obs_block_size is not None
 
     def _reset(self) -> None:
-        self.statistics = self.fixed or InputStatistics(full=self.updates_weights)  # per distinct input of the layer
+        self.statistics = InputStatistics(full=self.updates_weights)  # per distinct input of the layer
         self.reads_as: dict[nn.Module, nn.Module] = {}  # Linear -> the first Linear that read the same input
         self.last_read: tuple[nn.Module, torch.Tensor] | None = None
         self.updated: dict[nn.Module, torch.Tensor] = {}  # SparseGPT's weights of the current layer
@@ -122,8 +117,7 @@ class SimulatedPruning:
                 for module in self.modules:
                     stack.enter_context(instance_forward(module, partial(self._pruned_forward, module)))
                 with HooksMixin.disable_hooks():  # no other modifier observes these passes
-                    observe = self._observe if self.fixed is None else None
-                    return prediction_losses(model, batch, dense, self.device, observe=observe)
+                    return prediction_losses(model, batch, dense, self.device, observe=self._observe)
         finally:
             self._reset()
 
