@@ -99,8 +99,7 @@ def stand_in_defaults(rows: dict, choice_rows: dict, solver_seeds: list[int]) ->
         source = rows.get(("pruner alone", cal)) if chosen == "identity" else (
             rows.get((label(chosen, solver), cal)) if chosen in METHODS[1:] else None)
         if source is not None:
-            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
-                               "configuration_calibration_losses": chooser.get("configuration_calibration_losses")}
+            rows[name, cal] = _standing_in(source, name, chosen, chooser)
             added += 1
     return added
 
@@ -117,10 +116,15 @@ def stand_in_contenders(rows: dict, grid: dict, prefixes: list[str], solver_seed
             continue
         source = rows.get(("pruner alone", cal)) if chosen == "identity" else grid.get((cal, solver, chosen))
         if source is not None:
-            rows[name, cal] = {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
-                               "configuration_calibration_losses": row.get("configuration_calibration_losses")}
+            rows[name, cal] = _standing_in(source, name, chosen, row)
             filled += 1
     return filled
+
+
+def _standing_in(source: dict, name: str, chosen: str, chooser: dict) -> dict:
+    """``source`` (the chosen model's row) as ``name``'s row, with the choice and the calibration losses it was made by."""
+    return {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
+            "configuration_calibration_losses": chooser.get("configuration_calibration_losses")}
 
 
 def label(method: str, solver_seed: int) -> str:
