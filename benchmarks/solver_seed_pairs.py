@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def _standing_in(source: dict, name: str, chosen: str, chooser: dict) -> dict:
     """``source`` (the chosen model's row) as ``name``'s row, with the choice and the calibration losses it was made by."""
     return {**source, "label": name, "chosen_configuration": chosen, "stands_in": True,
             "configuration_calibration_losses": chooser.get("configuration_calibration_losses")}
+
+
+def same_windows(earlier: dict | None, later: dict) -> bool:
+    """Whether ``later`` re-measures ``earlier`` (the same label and calibration seed, both with per-window KL):
+    their KL must agree on every window both have (a longer text's first windows are the shorter one's), as one
+    model evaluated twice does; anything else is two models under one label, refused."""
+    one, other = ((row or {}).get("held_out_window_kl") for row in (earlier, later))
+    if not one or not other:
+        return False
+    common = min(len(one), len(other))
+    if not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(one[:common], other[:common])):
+        raise SystemExit(f"{later['label']!r}, calibration seed {later['seed']}: given twice with other KL on its first "
+                         f"{common} windows: two models under one label")
+    return True
 
 
 def label(method: str, solver_seed: int) -> str:
@@ -387,22 +402,25 @@ def main(argv=None) -> int:
     parser.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"], help="for run.py results")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], dict] = {}
+    remeasured = 0
     for path in args.inputs:
         for row in read_any(path, args.pruner):
             if args.calibration_seeds is None or row["seed"] in args.calibration_seeds:
+                remeasured += same_windows(rows.get((row["label"], row["seed"])), row)
                 rows[row["label"], row["seed"]] = row
     choice_rows = {(row["label"], row["seed"]): row for path in args.choices for row in read_any(path, args.pruner)}
     stood_in = stand_in_defaults(rows, choice_rows, args.solver_seeds)
     grid, filled, checked = run_grid(rows, args.solver_seeds)
     contenders = [prefix for prefix in [args.against, *args.versus] if prefix]
     chose_only = stand_in_contenders(rows, grid, contenders, args.solver_seeds)
-    print(f"`python benchmarks/solver_seed_pairs.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
+    print(f"`python benchmarks/solver_seed_pairs.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
     print("\n".join(per_run_table(grid, filled)), "\n")
     inferred = sum(row["choice_inferred"] for (_, _, method), row in grid.items() if method == "default")
     print(f"In {len(checked)} runs the chosen method's own row was measured too: the same model, to every digit. "
           f"In {inferred} runs the rows do not name the choice: it is the candidate with the default's very KL. "
           f"In {stood_in} runs the default's row is its chosen method's, the choice read from the --choices rows. "
-          f"{chose_only} contender rows are choices alone (--selection-only): their chosen candidate's model's.\n")
+          f"{chose_only} contender rows are choices alone (--selection-only): their chosen candidate's model's. "
+          f"{remeasured} rows given twice (a model re-made and evaluated again) agree window by window.\n")
     print("\n".join(summary_table(rows, grid, args.solver_seeds)), "\n")
     print("\n".join(selector_table(rows, grid, args.selectors)), "\n")
     if args.against:

@@ -10,6 +10,7 @@ from solver_seed_pairs import (
     evaluation_noise,
     run_grid,
     selector_table,
+    same_windows,
     share,
     stand_in_contenders,
     stand_in_defaults,
@@ -158,3 +159,13 @@ def test_the_calibration_difference_is_set_beside_the_held_out_one_per_run():
     assert lines[2] == "| 0, 0 | -0.1000 | +0.1000 | no |"  # chose greedy by 0.1; greedy's model is 0.1 worse
     assert lines[3] == "| 0, 1 | +0.0500 | -0.0500 | no |"
     assert lines[4] == "| mean over 2 runs | -0.0250 ± 0.0750 | +0.0250 ± 0.0750 | 0 of 2 |"
+
+
+def test_a_row_given_twice_must_be_the_same_model_window_by_window():
+    first = {**row("pruner alone", 1, 2.0), "held_out_window_kl": [1.9, 2.1, 2.0, 2.2]}
+    longer = {**row("pruner alone", 1, 2.05), "held_out_window_kl": [1.9, 2.1 + 1e-7, 2.0, 2.2, 2.4, 1.8]}
+    assert same_windows(first, longer) and same_windows(longer, first)  # the first windows of a longer text
+    assert not same_windows(None, longer) and not same_windows(row("pruner alone", 1, 2.0), longer)
+    other = {**longer, "held_out_window_kl": [1.9, 2.15, 2.0, 2.2]}
+    with pytest.raises(SystemExit, match="two models under one label"):
+        same_windows(first, other)
