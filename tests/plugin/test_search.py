@@ -190,3 +190,45 @@ def test_fisher_weighting_feeds_every_residual_reader_its_rows_sensitivity(llama
             assert report["phase_seconds"]["residual sensitivity"] > 0
         else:
             assert all(s is None for s in sensitivities) and "residual sensitivity" not in report["phase_seconds"]
+
+
+def test_configurations_scored_on_following_rows_are_rows_no_solve_read(llama_dir, tmp_path, monkeypatch):
+    """With ``scoring_rows: following`` the layer pass (every solve's statistics) runs on the sample alone and
+    each configuration is scored on other calibration rows; with the default, on the sample's leading rows."""
+    from learned_permutation.plugin.search import PermutationSearch
+    from learned_permutation.plugin.selection import SimulatedPruning
+
+    seen = {}
+    layer_pass, losses = PermutationSearch._layer_pass, SimulatedPruning.losses
+
+    def recording_pass(self, sample, *args):
+        seen["sample"] = sample["input_ids"]
+        return layer_pass(self, sample, *args)
+
+    def recording_losses(self, model, batch, *args):
+        seen.setdefault("scored", []).append(batch["input_ids"])
+        return losses(self, model, batch, *args)
+
+    monkeypatch.setattr(PermutationSearch, "_layer_pass", recording_pass)
+    monkeypatch.setattr(SimulatedPruning, "losses", recording_losses)
+    for rows in ("following", "sample"):
+        seen.clear()
+        recipe = [LearnedPermutationModifier(mask_structure="2:4", sites=["residual", "mlp"], sample_tokens=128,
+                                             scoring_tokens=64, scoring_rows=rows),
+                  WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
+        run_oneshot(llama_dir, recipe, output_dir=tmp_path / rows)
+        report = json.loads((tmp_path / rows / REPORT_FILE).read_text())
+        assert report["scoring_rows"] == rows and report["scored_tokens"] == 64 and len(seen["scored"]) >= 2
+        sample = {tuple(row.tolist()) for row in seen["sample"]}
+        scored = {tuple(row.tolist()) for batch in seen["scored"] for row in batch}
+        assert (scored & sample) == (set() if rows == "following" else scored)
+
+
+def test_scoring_on_following_rows_is_refused_before_any_pass_when_none_follow(llama_dir, tmp_path, monkeypatch):
+    from learned_permutation.plugin.search import PermutationSearch
+
+    monkeypatch.setattr(PermutationSearch, "run", lambda *args: pytest.fail("a pass ran"))
+    recipe = [LearnedPermutationModifier(mask_structure="2:4", sites=["mlp"], scoring_rows="following"),
+              WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
+    with pytest.raises(ValueError, match="no row left after the sample"):
+        run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")
