@@ -89,9 +89,6 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # configurations scored on the whole 8,192-token sample instead of its first 2,048 tokens: does a longer
         # score pick the better of the default's candidates more often (the methods' rows above say which is)?
         *seeded("select, 8192 scored tokens", (0, 1, 2), ("scoring_tokens", 8192)),
-        # configurations scored on the calibration rows after the sample, which no solve read: is the default's lean
-        # toward greedy (docs/results.md, "Session 21") the solves' own tokens scoring them?
-        *seeded("select, scored on following rows", (0, 1, 2), ("scoring_rows", "following")),
         # residual rows weighted by the dense model's loss sensitivity (plugin/sensitivity.py), at each solver seed,
         # and the candidates as methods with it (paired with the default's rows as above)
         *seeded("select, fisher residual", (0, 1, 2), ("residual_weighting", "fisher")),

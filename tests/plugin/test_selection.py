@@ -359,20 +359,3 @@ def test_each_linears_mask_is_computed_once_per_pass_whatever_the_chunks(monkeyp
     chunked = SimulatedPruning(linears, WANDA).losses(model, batch, dense, {})
     assert computed == Counter(linears)
     assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-5)
-
-
-def test_following_rows_come_after_the_sample_and_share_no_row_with_it():
-    ids = torch.randint(3, 500, (8, 20), generator=torch.Generator().manual_seed(0))
-    rows = [{"input_ids": ids[i : i + 1]} for i in range(8)]
-    sample, following = calibration_sample(rows, tokens=50, following_tokens=45)
-    assert torch.equal(sample["input_ids"], calibration_sample(rows, tokens=50)["input_ids"])  # the solves' sample unchanged
-    assert int(following["attention_mask"].sum()) == 45
-
-    def sources(batch):  # the calibration row each sample row was cut from
-        return [next(i for i, row in enumerate(ids) if torch.equal(row[: int(m.sum())], r[: int(m.sum())]))
-                for r, m in zip(batch["input_ids"], batch["attention_mask"])]
-
-    assert len(sources(sample)) == 3 and len(sources(following)) == 3  # 20 + 20 + 10, then 20 + 20 + 5
-    assert not set(sources(sample)) & set(sources(following))
-    with pytest.raises(ValueError, match="no row left after the sample"):
-        calibration_sample(rows, tokens=160, following_tokens=20)

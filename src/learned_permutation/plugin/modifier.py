@@ -160,10 +160,6 @@ class LearnedPermutationModifier(Modifier):
         after SparseGPT's own weight update (llm-compressor's ``sparsify_weight`` on every simulated
         Linear) instead of its mask alone. Off by default: on SmolLM2-135M it costs 1.4x SparseGPT's
         own ``oneshot`` (README, "How the default decides") for a lower held-out KL and worse perplexity.
-    :param scoring_rows: ``select`` only: which calibration rows the configurations are scored on:
-        ``sample`` (the sample's leading ``scoring_tokens``, which the solves also read) or
-        ``following`` (``scoring_tokens`` from the rows after the sample's, which no solve reads;
-        one extra dense pass over them; refused when the calibration set has none left).
     :param end_to_end: ``objective: model`` only: its sites, step and token budget and loss
         weights (``learned_permutation.plugin.end_to_end.EndToEndArgs``), e.g.
 
@@ -203,7 +199,6 @@ class LearnedPermutationModifier(Modifier):
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
     sync_pruner_statistics: bool = True
     simulate_sparsegpt_update: bool = False
-    scoring_rows: Literal["sample", "following"] = "sample"
 
     _n: int = PrivateAttr()
     _m: int = PrivateAttr()
@@ -321,8 +316,6 @@ class LearnedPermutationModifier(Modifier):
         # Under torchrun, every rank's rows: the sample is then the one a single process would take.
         self._calibration = all_ranks_batches(state.data.calib)
         tokens = check_calibration_tokens(self._calibration)
-        if self.scoring_rows == "following":  # refused here, before any pass, when no row follows the sample
-            calibration_sample(self._calibration, self.sample_tokens, self._scoring_tokens())
         if self.simulate_sparsegpt_update and not isinstance(pruner, SparseGPTModifier):
             raise ValueError(
                 "LearnedPermutationModifier: simulate_sparsegpt_update is set but the pruner that follows is "
@@ -364,11 +357,7 @@ class LearnedPermutationModifier(Modifier):
         end_to_end_sample = None
         if self.objective == "model":
             end_to_end_sample = calibration_sample(self._calibration, self.end_to_end.train_tokens + self.end_to_end.held_out_tokens)
-        if self.scoring_rows == "following":
-            sample, scoring = calibration_sample(self._calibration, self.sample_tokens, self._scoring_tokens())
-        else:
-            sample, scoring = calibration_sample(self._calibration, self.sample_tokens), None
-        self._search.run(sample, get_main_device(), end_to_end_sample, scoring)
+        self._search.run(calibration_sample(self._calibration, self.sample_tokens), get_main_device(), end_to_end_sample)
         self._search.phases["total"] = time.perf_counter() - start
         self._calibration = None
         check_same_permutations(self._search.permutations)
@@ -415,7 +404,6 @@ class LearnedPermutationModifier(Modifier):
             "sample_tokens": self.sample_tokens,
             "scoring_tokens": self._scoring_tokens(),
             "residual_weighting": self.residual_weighting,
-            "scoring_rows": self.scoring_rows,
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",

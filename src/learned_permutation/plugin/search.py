@@ -51,7 +51,7 @@ from learned_permutation.math.solvers import SOLVERS
 from learned_permutation.plugin.end_to_end import EndToEndArgs, EndToEndLearning, split_sample
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.residual_sample import ReaderRowSample
-from learned_permutation.plugin.selection import SimulatedPruning, leading_rows, predicting_positions, scored_final_hidden
+from learned_permutation.plugin.selection import SimulatedPruning, leading_rows, scored_final_hidden
 from learned_permutation.plugin.sensitivity import output_row_fisher
 from learned_permutation.plugin.statistics import InputStatistics, check_finite_statistics
 from learned_permutation.structure import PermutationSite, fold_permutations
@@ -118,23 +118,13 @@ class PermutationSearch:
 
     # ------------------------------------------------------------------ entry point
 
-    def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None,
-            scoring_sample: dict | None = None) -> None:
-        """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``);
-        ``scoring_sample``: rows apart from ``sample`` to score the configurations on (default: the
-        sample's leading ``scoring_tokens``, which the solves see too)."""
-        if scoring_sample is None:
-            scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
-        else:
-            scoring, scored = scoring_sample, int(predicting_positions(scoring_sample["attention_mask"]).sum())
+    def run(self, sample: dict, device: torch.device | str, end_to_end_sample: dict | None = None) -> None:
+        """``end_to_end_sample``: the calibration rows of the end-to-end learning (with ``end_to_end``)."""
+        scoring, scored = leading_rows(sample, self.settings.scoring_tokens)  # what the configuration passes score
         layer_readers = self._layer_readers()  # found once: the sweep and the layer pass both go layer by layer
         sensitivity = self._residual_sensitivity(scoring, device, layer_readers)
         start = time.perf_counter()
-        energy, readers, dense = self._layer_pass(
-            sample, device, 0 if scoring_sample is not None else scored, layer_readers, sensitivity)
-        if scoring_sample is not None:
-            with HooksMixin.disable_hooks():
-                dense = scored_final_hidden(self.model, scoring, device)
+        energy, readers, dense = self._layer_pass(sample, device, scored, layer_readers, sensitivity)
         self.phases["layer pass (statistics, per-layer candidates)"] = time.perf_counter() - start
         if self.residual is not None:
             self._solve_residual(energy, readers)

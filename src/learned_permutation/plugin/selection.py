@@ -222,13 +222,11 @@ def instance_forward(module: nn.Module, forward) -> Iterator[None]:
             del module.forward
 
 
-def calibration_sample(batches: Iterable[dict], tokens: int, following_tokens: int = 0) -> dict | tuple[dict, dict]:
+def calibration_sample(batches: Iterable[dict], tokens: int) -> dict:
     """At most ``tokens`` calibration tokens as one right-padded batch (causal models score each row
     as if alone), the same whatever order the calibration set comes in: rows are taken in the
     order of a hash of their tokens. llm-compressor shuffles calibration samples with an unseeded
-    sampler by default, so taking the first rows would make every decision depend on that shuffle.
-    With ``following_tokens``, also at most that many tokens from the rows that follow the sample's in
-    that order (no row of the sample, not even its cut last one): ``(sample, following)``."""
+    sampler by default, so taking the first rows would make every decision depend on that shuffle."""
     rows = []
     for batch in batches:
         ids = batch["input_ids"]
@@ -236,30 +234,16 @@ def calibration_sample(batches: Iterable[dict], tokens: int, following_tokens: i
         mask = torch.ones_like(ids) if mask is None else mask
         rows.extend(row[keep.bool()] for row, keep in zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])))
     rows.sort(key=lambda row: hashlib.sha256(row.cpu().numpy().tobytes()).digest())
-    chosen, used = _leading_tokens(rows, tokens)
-    if not chosen:
-        raise ValueError("the calibration data holds no row of at least two tokens")
-    if not following_tokens:
-        return _right_padded(chosen)
-    following, _ = _leading_tokens(rows[used:], following_tokens)
-    if not following:
-        raise ValueError(
-            f"the calibration data has no row left after the sample's {tokens} tokens to score configurations on "
-            "apart from it: pass more calibration samples (num_calibration_samples) or lower sample_tokens")
-    return _right_padded(chosen), _right_padded(following)
-
-
-def _leading_tokens(rows: list[torch.Tensor], tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """Rows from the first, the last one cut, holding at most ``tokens`` tokens; and how many rows were read."""
-    chosen, total, used = [], 0, 0
+    chosen, total = [], 0
     for row in rows:
         row = row[: tokens - total]
         if len(row) < 2:
             break
         chosen.append((row, torch.ones_like(row)))
         total += len(row)
-        used += 1
-    return chosen, used
+    if not chosen:
+        raise ValueError("the calibration data holds no row of at least two tokens")
+    return _right_padded(chosen)
 
 
 def leading_rows(sample: dict, tokens: int) -> tuple[dict, int]:
@@ -350,7 +334,7 @@ def scored_final_hidden(
                 scored.append(decoder.norm(chunk.hidden)[:, :-1][predicting_positions(mask)][:wanted])
                 wanted = None if wanted is None else wanted - len(scored[-1])
             chunk.hidden = None
-        return torch.cat(scored) if scored else torch.empty(0, decoder.norm.weight.shape[-1])
+        return torch.cat(scored)
 
 
 def layer_chunks(decoder: nn.Module, batch: dict, device) -> tuple[list[_LayerInputs], list[torch.Tensor]]:
