@@ -195,7 +195,11 @@ def share(rows: dict, row: dict, cal: int, key: str) -> float | None:
 
 
 def cell(row: dict | None) -> str:
-    return "-" if row is None else f"{row['held_out_ppl']:.2f} / {row['wikitext2_ppl']:.2f} ({row['held_out_kl']:.4f})"
+    """Held-out / WikiText-2 perplexity (KL); "-" for a text the row was not measured on."""
+    if row is None:
+        return "-"
+    ppl = [f"{row[key]:.2f}" if row.get(key) is not None else "-" for key in ("held_out_ppl", "wikitext2_ppl")]
+    return f"{ppl[0]} / {ppl[1]} ({row['held_out_kl']:.4f})"
 
 
 def _mean_and_error(values: list[float]) -> str:
