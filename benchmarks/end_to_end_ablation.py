@@ -89,10 +89,6 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # configurations scored on the whole 8,192-token sample instead of its first 2,048 tokens: does a longer
         # score pick the better of the default's candidates more often (the methods' rows above say which is)?
         *seeded("select, 8192 scored tokens", (0, 1, 2), ("scoring_tokens", 8192)),
-        # each candidate's per-layer sites solved inside its configuration pass, from the statistics of the already
-        # pruned layers' outputs (the ones the pipeline calibrates the pruner on), not from the dense model's
-        *(seeded("select, solved on pruned upstream", (0, 1, 2), ("layer_statistics", "pruned_upstream"))
-          if pruner == "wanda" else []),
         # residual rows weighted by the dense model's loss sensitivity (plugin/sensitivity.py), at each solver seed,
         # and the candidates as methods with it (paired with the default's rows as above)
         *seeded("select, fisher residual", (0, 1, 2), ("residual_weighting", "fisher")),

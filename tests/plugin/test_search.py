@@ -9,8 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from learned_permutation import REPORT_FILE, LearnedPermutationModifier, fold_saved_permutations
-from learned_permutation.plugin.artifacts import PERMUTATIONS_FILE
-from safetensors.torch import load_file
 from learned_permutation.plugin.pruner_model import PrunerModel
 from learned_permutation.plugin.statistics import InputStatistics
 from learned_permutation.plugin.residual_sample import ReaderRowSample
@@ -192,38 +190,3 @@ def test_fisher_weighting_feeds_every_residual_reader_its_rows_sensitivity(llama
             assert report["phase_seconds"]["residual sensitivity"] > 0
         else:
             assert all(s is None for s in sensitivities) and "residual sensitivity" not in report["phase_seconds"]
-
-
-def test_sites_solved_on_the_pruned_upstream_are_what_the_configuration_pass_solved(llama_dir, tmp_path, monkeypatch):
-    """With ``layer_statistics: pruned_upstream`` every per-layer site of every configuration is solved again in that
-    configuration's pass, from statistics that differ from the dense layer pass's once a layer upstream is pruned,
-    and the folded permutations are the chosen configuration's solves."""
-    from learned_permutation.plugin.search import PermutationSearch
-
-    solved, original = [], PermutationSearch._solve_one
-
-    def recording(self, site, statistics, name):
-        perm = original(self, site, statistics, name)
-        solved.append((site.name, name, perm))
-        return perm
-
-    monkeypatch.setattr(PermutationSearch, "_solve_one", recording)
-    recipe = [LearnedPermutationModifier(mask_structure="2:4", sites=["residual", "mlp", "attn_vo"],
-                                         layer_statistics="pruned_upstream"),
-              WandaPruningModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
-    run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")
-    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
-    chosen = report["chosen_configuration"]
-    layer_sites = [s for s in report["sites"] if s["kind"] != "residual"]
-    assert {(name, label) for name, label, _ in solved} == {
-        (s["site"], label) for s in layer_sites for label in report["configuration_calibration_losses"]}
-    assert any(s.get("solved_on_pruned_upstream") for s in layer_sites)  # some order differs from the dense solve's
-    saved = load_file(tmp_path / "out" / PERMUTATIONS_FILE)
-    assert all(torch.equal(saved[name], perm) for name, label, perm in solved if label == chosen)
-
-
-def test_solving_on_the_pruned_upstream_is_refused_without_wandas_score(llama_dir, tmp_path):
-    recipe = [LearnedPermutationModifier(mask_structure="2:4", sites=["mlp"], layer_statistics="pruned_upstream"),
-              SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
-    with pytest.raises(ValueError, match="needs score 'wanda'"):
-        run_oneshot(llama_dir, recipe, output_dir=tmp_path / "out")

@@ -160,11 +160,6 @@ class LearnedPermutationModifier(Modifier):
         after SparseGPT's own weight update (llm-compressor's ``sparsify_weight`` on every simulated
         Linear) instead of its mask alone. Off by default: on SmolLM2-135M it costs 1.4x SparseGPT's
         own ``oneshot`` (README, "How the default decides") for a lower held-out KL and worse perplexity.
-    :param layer_statistics: ``select`` only: what each candidate solves the per-layer sites from:
-        ``dense`` (the dense model's statistics over the sample, from the layer pass) or
-        ``pruned_upstream`` (in its configuration's own pass, each layer's statistics over the scored
-        tokens with the layers before it already pruned, as the pipeline calibrates the pruner; Wanda
-        only: the pass gathers input energies, not Hessians).
     :param end_to_end: ``objective: model`` only: its sites, step and token budget and loss
         weights (``learned_permutation.plugin.end_to_end.EndToEndArgs``), e.g.
 
@@ -204,7 +199,6 @@ class LearnedPermutationModifier(Modifier):
     end_to_end: EndToEndArgs = Field(default_factory=EndToEndArgs)
     sync_pruner_statistics: bool = True
     simulate_sparsegpt_update: bool = False
-    layer_statistics: Literal["dense", "pruned_upstream"] = "dense"
 
     _n: int = PrivateAttr()
     _m: int = PrivateAttr()
@@ -322,11 +316,6 @@ class LearnedPermutationModifier(Modifier):
         # Under torchrun, every rank's rows: the sample is then the one a single process would take.
         self._calibration = all_ranks_batches(state.data.calib)
         tokens = check_calibration_tokens(self._calibration)
-        if self.layer_statistics != "dense" and (self.method != "select" or self._score_kind != "wanda"):
-            raise ValueError(
-                "LearnedPermutationModifier: layer_statistics: pruned_upstream solves the per-layer sites inside "
-                f"the configuration passes of method 'select' from input energies, so it needs score 'wanda' (got "
-                f"method {self.method!r}, score {self._score_kind!r}); remove the field.")
         if self.simulate_sparsegpt_update and not isinstance(pruner, SparseGPTModifier):
             raise ValueError(
                 "LearnedPermutationModifier: simulate_sparsegpt_update is set but the pruner that follows is "
@@ -359,7 +348,6 @@ class LearnedPermutationModifier(Modifier):
                 solver_args=self._candidate_solver_args(),
                 scoring_tokens=self._scoring_tokens(),
                 residual_weighting=self.residual_weighting,
-                layer_statistics=self.layer_statistics,
                 end_to_end=self.end_to_end if self.objective == "model" else None,
             ),
             self,
@@ -416,7 +404,6 @@ class LearnedPermutationModifier(Modifier):
             "sample_tokens": self.sample_tokens,
             "scoring_tokens": self._scoring_tokens(),
             "residual_weighting": self.residual_weighting,
-            "layer_statistics": self.layer_statistics,
             "processes": world_size(),
             "pruner_statistics_synced": self._syncs_pruner(self._pruner),
             "objective": "reconstruction error ||X (W - W_pruned)^T||^2 / ||X W^T||^2 (W_pruned: the score's N:M mask)",
@@ -478,10 +465,9 @@ class LearnedPermutationModifier(Modifier):
         sites = self._search.report if self._search else []
         if not sites:
             return
-        known = [site for site in sites if site["objective_after"] is not None]  # None: solved on the pruned upstream
-        before = sum(site["objective_before"] for site in known) / max(1, len(known))
-        after = sum(site["objective_after"] for site in known) / max(1, len(known))
+        before = sum(site["objective_before"] for site in sites) / len(sites)
+        after = sum(site["objective_after"] for site in sites) / len(sites)
         logger.info(
-            f"LearnedPermutationModifier: {len(sites)} sites, mean objective over the {len(known)} solved on the "
-            f"dense model {before:.4f} -> {after:.4f}, {self._search.phases.get('total', 0.0):.1f}s"
+            f"LearnedPermutationModifier: {len(sites)} sites, mean objective "
+            f"{before:.4f} -> {after:.4f}, {self._search.phases.get('total', 0.0):.1f}s"
         )

@@ -88,7 +88,6 @@ class SearchSettings:
     solver_args: dict[str, dict] = field(default_factory=dict)
     scoring_tokens: int = SCORING_TOKENS
     residual_weighting: str = "none"
-    layer_statistics: str = "dense"
     end_to_end: EndToEndArgs | None = None
 
 
@@ -234,34 +233,23 @@ class PermutationSearch:
             simulated = [m for m in self.pruned if m in energy.sums]
             simulation = SimulatedPruning(simulated, self.settings.pruner, device)
 
-            def orders_of(configuration: dict) -> dict:
-                return {named.module: site.consumer_column_index(perm)
-                        for site, perm in configuration.items() for named in site.consumer_modules
-                        if named.module in simulated}
+            def score(configuration: dict) -> dict[str, float]:
+                orders = {named.module: site.consumer_column_index(perm)
+                          for site, perm in configuration.items() for named in site.consumer_modules
+                          if named.module in simulated}
+                return simulation.losses(self.model, scoring, dense, orders)
 
-            def score(label: str, configuration: dict) -> dict[str, float]:
-                if self.settings.layer_statistics == "dense":
-                    return simulation.losses(self.model, scoring, dense, orders_of(configuration))
-
-                def reorder(index: int, statistics: dict) -> dict:  # this layer's sites, from its pruned upstream
-                    for site in [s for s in self.layer_sites if s.layer_index == index and s in configuration]:
-                        configuration[site] = self._solve_one(site, statistics, label)
-                    return orders_of({s: p for s, p in configuration.items() if s.layer_index == index})
-
-                return simulation.losses(self.model, scoring, dense, orders_of(configuration), reorder)
-
-            losses = {label: score(label, configuration) for label, configuration in configurations.items()}
+            losses = {label: score(configuration) for label, configuration in configurations.items()}
             _check_finite(losses)
             self.selection = {"configuration_calibration_losses": losses, "chosen_configuration": _lowest_kl(losses),
                               "scored_tokens": int(scoring["attention_mask"].sum())}
             self.phases["configuration passes"] = time.perf_counter() - start
-        label = _lowest_kl(losses) if losses else next(iter(configurations))
-        chosen = configurations[label]
+        chosen = configurations[_lowest_kl(losses)] if losses else next(iter(configurations.values()))
         start = time.perf_counter()
         decided = {site: chosen[site] for site in [self.residual, *self.layer_sites] if site in self.candidates}
         fold_permutations(self.model, decided)  # each weight read and written once: seconds on a GPU
         for site, perm in decided.items():
-            self._record(site, perm, energy, label)
+            self._record(site, perm, energy)
         self.phases["folding"] = time.perf_counter() - start
 
     # ------------------------------------------------------------------ end to end
@@ -302,13 +290,6 @@ class PermutationSearch:
         solved |= self._solve_chains(site, problem, [name for name in candidates if name not in solved])
         return {name: solved[name] for name in candidates}, problem
 
-    def _solve_one(self, site: PermutationSite, statistics: dict, name: str) -> torch.Tensor:
-        """Candidate ``name``'s permutation of a per-layer ``site`` from its consumers' ``statistics``."""
-        score = parse_candidate(name)[1] or self.settings.pruner.score
-        stats = {m: statistics[m] for m in self.targeted(site) if m in statistics}
-        problem = SiteProblem(site.consumers_from_stats(stats), self.settings.pruner.n, self.settings.pruner.m, score)
-        return self._solve_chains(site, problem, [name])[name]
-
     def _solve_chains(self, site: PermutationSite, problem: SiteProblem, names: list[str]) -> dict[str, torch.Tensor]:
         """The permutations of the candidates ``names`` that solve on ``problem``'s score."""
         chains: dict[str, torch.Tensor] = {}
@@ -330,27 +311,23 @@ class PermutationSearch:
         return _per_distinct({"identity": torch.arange(site.size), **solved},
                              lambda perms: [problem.reconstruction_error(perm.to(problem.device)) for perm in perms])
 
-    def _record(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics, chosen: str) -> None:
-        """Re-index the consumers' input energies to the folded ``perm`` and report the site (the ``chosen``
-        configuration's; its layer-wise objective is unknown where its pass solved the site again)."""
+    def _record(self, site: PermutationSite, perm: torch.Tensor, energy: InputStatistics) -> None:
+        """Re-index the consumers' input energies to the folded ``perm`` and report the site."""
         found = self.candidates[site]
         columns = site.consumer_column_index(perm)
         for named in site.consumer_modules:
             energy.permute_inputs(named.module, columns)
         self.permutations[site.name] = perm
-        label = next((label for label, candidate in found.perms.items() if torch.equal(candidate, perm)), None)
-        after = found.objectives[label] if label is not None else None
+        label = next(label for label, candidate in found.perms.items() if torch.equal(candidate, perm))
         several = len(found.perms) > 1
         self.report.append({
             "site": site.name, "kind": site.kind, "channels": site.size, "consumers": found.consumers,
-            "objective_before": found.objectives["identity"], "objective_after": after,
-            **({"candidate_objectives": found.objectives, "chosen_candidate": chosen} if several else {}),
-            **({"solved_on_pruned_upstream": True} if label is None else {}),
+            "objective_before": found.objectives["identity"], "objective_after": found.objectives[label],
+            **({"candidate_objectives": found.objectives, "chosen_candidate": label} if several else {}),
             **found.extra, "seconds": round(found.seconds, 3),
         })
-        logger.info(f"{site.name}: objective {found.objectives['identity']:.4f} -> "
-                    + (f"{after:.4f}" if after is not None else "(solved on the pruned upstream)")
-                    + (f", kept {chosen}" if several else "") + f" ({found.seconds:.1f}s)")
+        logger.info(f"{site.name}: objective {found.objectives['identity']:.4f} -> {found.objectives[label]:.4f}"
+                    + (f", kept {label}" if several else "") + f" ({found.seconds:.1f}s)")
 
 
 @dataclass

@@ -94,7 +94,6 @@ class SimulatedPruning:
     def __init__(self, modules: Iterable[nn.Linear], pruner: PrunerModel, device: torch.device | str | None = None):
         self.modules, self.pruner, self.device = list(modules), pruner, device
         self.column_orders: dict[nn.Module, torch.Tensor] = {}
-        self.reorder: Callable[[int, dict[nn.Module, torch.Tensor]], dict[nn.Module, torch.Tensor]] | None = None
         self._reset()
 
     @property
@@ -109,13 +108,9 @@ class SimulatedPruning:
         self.masks: dict[nn.Module, torch.Tensor] = {}  # the pruner's masks of the current layer, bit-packed
         self.observing = False
 
-    def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict,
-               reorder: Callable[[int, dict[nn.Module, torch.Tensor]], dict[nn.Module, torch.Tensor]] | None = None,
-               ) -> dict[str, float]:
-        """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``;
-        ``reorder(layer index, its Linears' statistics)``, when given, returns column orders that replace
-        those of the layer's Linears, decided from the statistics its calibration pass has just gathered."""
-        self.column_orders, self.reorder = dict(column_orders), reorder
+    def losses(self, model: nn.Module, batch: dict, dense: torch.Tensor | None, column_orders: dict) -> dict[str, float]:
+        """``prediction_losses`` of ``model`` with the simulated Linears pruned in ``column_orders``."""
+        self.column_orders = column_orders
         self._reset()
         try:
             with contextlib.ExitStack() as stack:
@@ -127,18 +122,15 @@ class SimulatedPruning:
             self._reset()
 
     @contextlib.contextmanager
-    def _observe(self, index: int) -> Iterator[None]:
+    def _observe(self, _index: int) -> Iterator[None]:
         """A layer's dense calibration pass: its Linears gather their inputs' statistics (once per input
-        that several read, as q/k/v or gate/up do); ``reorder`` may then re-order them; with SparseGPT
-        they are then pruned as SparseGPT would (the previous layer's weights dropped first)."""
+        that several read, as q/k/v or gate/up do); with SparseGPT they are then pruned as SparseGPT
+        would (the previous layer's weights dropped first)."""
         self.updated, self.masks, self.observing = {}, {}, True
         try:
             yield
         finally:
             self.observing, self.last_read = False, None
-        if self.reorder is not None:
-            sums = self.statistics.sums
-            self.column_orders |= self.reorder(index, {module: sums[first] for module, first in self.reads_as.items()})
         if self.updates_weights:
             groups: dict[nn.Module, list[nn.Module]] = {}
             for module, first in self.reads_as.items():
