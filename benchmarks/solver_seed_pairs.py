@@ -253,8 +253,9 @@ def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
     truth = {run: {"identity": rows["pruner alone", run[0]]["held_out_kl"],
                    **{m: grid[(*run, m)]["held_out_kl"] for m in METHODS[1:]}} for run in runs}
     lines = [f"Over the {len(runs)} runs where every candidate's model was measured (held-out KL):", "",
-             "| selector | runs | chose the best candidate | mean KL of its choices | best candidate's | ria's | greedy's |",
-             "|---|---|---|---|---|---|---|"]
+             "| selector | runs | chose the best candidate | mean KL of its choices | best candidate's | ria's | greedy's "
+             "| best candidate - ria, best candidate - greedy (paired: what a perfect chooser could gain) |",
+             "|---|---|---|---|---|---|---|---|"]
     for selector in ["select", *selectors]:
         choices = {}
         for run in runs:
@@ -268,8 +269,9 @@ def selector_table(rows: dict, grid: dict, selectors: list[str]) -> list[str]:
         best = [min(truth[run].values()) for run in choices]
         right = sum(truth[run][choice] == min(truth[run].values()) for run, choice in choices.items())
         fixed = [sum(truth[run][m] for run in choices) / len(choices) for m in METHODS[1:]]
+        ceiling = [_mean_and_error([min(truth[run].values()) - truth[run][m] for run in choices]) for m in METHODS[1:]]
         lines.append(f"| {selector} | {len(choices)} | {right} | {sum(picked) / len(picked):.4f} | "
-                     f"{sum(best) / len(best):.4f} | {fixed[0]:.4f} | {fixed[1]:.4f} |")
+                     f"{sum(best) / len(best):.4f} | {fixed[0]:.4f} | {fixed[1]:.4f} | {ceiling[0]}, {ceiling[1]} |")
     return lines
 
 

@@ -66,6 +66,7 @@ def test_a_run_py_default_is_the_candidate_with_its_very_kl_and_the_selector_is_
     assert not checked  # inferred, so not a check
     scored = selector_table(rows, grid, [])[-1].split(" | ")
     assert scored[1:4] == ["1", "0", "1.5000"] and scored[4] == "1.4000"  # one run, a wrong choice; the best
+    assert scored[7].startswith("-0.1000, +0.0000")  # a perfect chooser (one run): greedy, 0.1 below ria
 
 
 def test_a_contender_is_paired_with_each_method_only_on_the_runs_both_measured():
