@@ -6,6 +6,7 @@ import pytest
 
 from solver_seed_pairs import (
     calibration_versus_held_out,
+    cell,
     contender_table,
     evaluation_noise,
     run_grid,
@@ -170,3 +171,9 @@ def test_a_row_given_twice_must_be_the_same_model_window_by_window():
     other = {**longer, "held_out_window_kl": [1.9, 2.15, 2.0, 2.2]}
     with pytest.raises(SystemExit, match="two models under one label"):
         same_windows(first, other)
+
+
+def test_a_cell_shows_a_dash_for_a_text_the_row_was_not_measured_on():
+    assert cell(row("ria", 0, 1.5)) == "15.00 / 30.00 (1.5000)"
+    assert cell({**row("ria", 0, 1.5), "wikitext2_ppl": None}) == "15.00 / - (1.5000)"  # stories260K rows
+    assert cell(None) == "-"
