@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-import torch
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
