@@ -103,6 +103,17 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", f"ria@{other_score}")),))),
         ("select + ria+greedy candidate",
          Variant(pruner, "select", modifier_args=(("candidates", ("identity", "ria", "greedy", "ria+greedy")),))),
+        # greedy keeping the most of Wanda's score squared (w^2 ||x||^2, math/scores.py): the same masks, but what it
+        # maximises is the diagonal estimate of the output error left, not the L1 proxy; as a method and a candidate
+        *([row for method in ("ria", "greedy")
+           for row in seeded(f"method {method}, wanda_energy score", (0, 1, 2), ("score", "wanda_energy"), method=method)]
+          if pruner == "wanda" else []),
+        # and with the residual rows weighted by the loss sensitivity: each row's output error times its Fisher
+        # weight, the diagonal second-order estimate of the loss the mask costs
+        *(seeded("method greedy, wanda_energy score, fisher residual", (0, 1, 2), ("score", "wanda_energy"),
+                 ("residual_weighting", "fisher"), method="greedy") if pruner == "wanda" else []),
+        *(seeded("select + greedy@wanda_energy", (0, 1, 2),
+                 ("candidates", ("identity", "ria", "greedy", "greedy@wanda_energy"))) if pruner == "wanda" else []),
         model_objective("select + end-to-end residual"),
         model_objective("identity + end-to-end residual", extra=(("candidates", ("identity",)),)),
         model_objective("select + end-to-end all sites", sites=["residual", "mlp", "attn_vo"]),

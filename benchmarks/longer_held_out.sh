@@ -9,12 +9,15 @@
 # of that seed's checkpoints evaluated together by evaluate_checkpoints.py (one dense pass) into OUT/rows_*.json.
 # The default's model in a run is one of these (its choice depends on the calibration tokens only): read the rows
 # with `solver_seed_pairs.py OUT/rows_*.json --choices <the 16-window rows naming the default's choices>`.
+# LABELS (one end_to_end_ablation.py row label per line) replaces that list of rows, e.g.
+#   LABELS="method greedy, wanda_energy score, solver seed 0" bash benchmarks/longer_held_out.sh wanda "0 1 2" 0
 set -euo pipefail
 pruner=$1; calibration_seeds=$2; solver_seeds=$3; out=${4:-/tmp/held_out_64}
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python}
 
 labels() {
+  if [ -n "${LABELS:-}" ]; then printf '%s\n' "$LABELS"; return; fi
   echo "pruner alone"
   for k in $solver_seeds; do
     if [ "$k" = 0 ]; then echo ria; echo greedy

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_permutation.math import Consumer, nm_mask, parse_mask_structure, score
+from learned_permutation.math import SCORE_KINDS, Consumer, nm_mask, parse_mask_structure, score
 from learned_permutation.math.masks import pack_bits, unpack_bits
 
 
@@ -42,6 +42,7 @@ def test_scores_follow_their_definitions():
     act_sq = hessian.diagonal()
     assert torch.allclose(score("magnitude", weight), weight.abs())
     assert torch.allclose(score("wanda", weight, act_sq=act_sq), weight.abs() * act_sq.sqrt())
+    assert torch.allclose(score("wanda_energy", weight, act_sq=act_sq), weight.square() * act_sq)
     magnitude = weight.abs()
     relative = magnitude / magnitude.sum(1, keepdim=True) + magnitude / magnitude.sum(0, keepdim=True)
     assert torch.allclose(score("ria", weight, act_sq=act_sq), relative * act_sq.sqrt().sqrt())
@@ -60,9 +61,23 @@ def test_scores_are_permutation_equivariant():
     inputs = torch.randn(40, 12, generator=generator)
     hessian = inputs.T @ inputs
     perm = torch.randperm(12, generator=generator)
-    for kind in ("magnitude", "wanda", "ria", "sparsegpt"):
+    for kind in SCORE_KINDS:
         permuted = score(kind, weight[:, perm], hessian=hessian[perm][:, perm])
         assert torch.allclose(permuted, score(kind, weight, hessian=hessian)[:, perm], rtol=1e-4), kind
+
+
+def test_wanda_energy_masks_like_wanda_and_its_pruned_sum_is_the_diagonal_output_error():
+    """Same N:M mask as Wanda, but what a solver keeps of it is what the mask leaves of the output energy:
+    with decorrelated inputs (X^T X diagonal) the pruned sum is exactly ||X (W - W_pruned)^T||^2."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 16, generator=generator)
+    inputs = torch.linalg.qr(torch.randn(64, 16, generator=generator))[0] * torch.rand(16, generator=generator)
+    act_sq = inputs.square().sum(0)
+    energy = score("wanda_energy", weight, act_sq=act_sq)
+    mask = nm_mask(energy, 2, 4)
+    assert torch.equal(mask, nm_mask(score("wanda", weight, act_sq=act_sq), 2, 4))
+    error = (inputs @ (weight * ~mask).T).square().sum()
+    assert torch.allclose(energy[~mask].sum(), error, rtol=1e-4)
 
 
 def test_score_errors_name_the_problem():

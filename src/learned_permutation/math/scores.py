@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-SCORE_KINDS = ("magnitude", "wanda", "ria", "sparsegpt")
+SCORE_KINDS = ("magnitude", "wanda", "wanda_energy", "ria", "sparsegpt")
 RIA_ACTIVATION_EXPONENT = 0.5
 SPARSEGPT_DAMPENING = 0.01  # SparseGPT's default: add 1% of the mean Hessian diagonal
 
@@ -22,7 +22,10 @@ def score(
     """Importance of every weight (higher = kept first), shape ``weight.shape``.
 
     ``act_sq`` is the sum of squared inputs per channel (``diag(X^T X)``); it is read from the
-    Hessian's diagonal when only ``hessian`` is given.
+    Hessian's diagonal when only ``hessian`` is given. ``wanda_energy`` is Wanda's score squared,
+    ``w^2 * ||x||^2``: it ranks a row's weights as Wanda does (the same N:M masks), but its sum over
+    the pruned weights is the diagonal estimate of the output error they cause, so a solver that keeps
+    the most of it minimises that error rather than Wanda's L1 proxy (like SparseGPT's own score).
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}; choose one of {SCORE_KINDS}")
@@ -34,6 +37,8 @@ def score(
     act_sq = _activation_energy(weight.shape[1], act_sq, hessian, kind)
     if kind == "wanda":
         return magnitude * act_sq.sqrt()
+    if kind == "wanda_energy":
+        return magnitude.square() * act_sq
     relative = magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(1e-12) + magnitude / magnitude.sum(
         dim=0, keepdim=True
     ).clamp_min(1e-12)
