@@ -51,7 +51,12 @@ __all__ = ["LearnedPermutationModifier"]
 # seed x pruner runs, where one sweep (session 13's default) lost to the greedy method with Wanda and, chosen
 # over ria on a seed, to ria with SparseGPT (docs/results.md, "Session 14"), all at the modifier's seed 0; at
 # seeds 1 and 2 the default's means with Wanda are far lower (docs/results.md, "Session 16").
+# With Wanda a fourth candidate, greedy on Wanda's score squared (``wanda_energy``, math/scores.py: the same masks,
+# but the retained sum is the diagonal output error): on SmolLM2-135M it had the lowest calibration KL on two of
+# three calibration seeds, and greedy on the third (docs/results.md, "Session 23"). SparseGPT's own score is
+# already an output energy (w^2 / [H^-1]_jj), so its greedy candidate is that solve.
 DEFAULT_CANDIDATES = ("identity", "ria", "greedy")
+DEFAULT_CANDIDATES_BY_SCORE = {"wanda": (*DEFAULT_CANDIDATES, "greedy@wanda_energy")}
 
 
 class LearnedPermutationModifier(Modifier):
@@ -123,7 +128,7 @@ class LearnedPermutationModifier(Modifier):
         head, consumed by o_proj). Default: all.
     :param score: importance score the objective prunes by: ``auto`` (mirror the pruner
         that follows: SparseGPT -> ``sparsegpt``, Wanda -> ``wanda``; ``wanda`` when no
-        pruner follows), or one of ``magnitude``, ``wanda``, ``ria``, ``sparsegpt``.
+        pruner follows), or one of ``magnitude``, ``wanda``, ``wanda_energy``, ``ria``, ``sparsegpt``.
     :param targets: Linear modules whose N:M pruning the permutation optimises. Default:
         the targets of the pruner that follows (``["Linear"]`` without one).
     :param ignore: modules excluded from the objective. Default: the pruner's ignore list
@@ -135,6 +140,8 @@ class LearnedPermutationModifier(Modifier):
     :param candidates: ``select`` only: the solvers whose configurations are compared; ``ria+greedy``
         is ``greedy`` started from ``ria``'s order; ``ria@wanda`` is ``ria`` solved on another
         importance ``score`` than the modifier's (the simulation still prunes as the pruner does).
+        Default: ``identity``, ``ria``, ``greedy``, and with Wanda's score ``greedy@wanda_energy`` too
+        (greedy keeping the most of ``w^2 ||x||^2``: the output error, where Wanda's score is its root).
     :param sample_tokens: calibration tokens of the modifier's own passes (the pruner
         still calibrates on the whole set).
     :param scoring_tokens: ``select`` only: the sample's leading tokens each configuration is
@@ -189,7 +196,7 @@ class LearnedPermutationModifier(Modifier):
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
     solver_args: dict[str, Any] = Field(default_factory=dict)
-    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    candidates: list[str] | None = None
     sample_tokens: int = Field(default=8192, ge=64)
     scoring_tokens: int = Field(default=SCORING_TOKENS, ge=64)
     residual_weighting: Literal["none", "fisher"] = "none"
@@ -242,6 +249,8 @@ class LearnedPermutationModifier(Modifier):
     @field_validator("candidates")
     @classmethod
     def _check_candidates(cls, value):
+        if value is None:
+            return value
         if not value or len(set(value)) != len(value):
             raise ValueError(f"candidates must name at least one solver, each once; got {value}")
         for name in value:
@@ -281,7 +290,7 @@ class LearnedPermutationModifier(Modifier):
                 raise ValueError(
                     f"with method 'select', solver_args maps the candidates' solvers to their arguments, e.g. "
                     f"{{greedy: {{sweeps: 5}}}}; {name!r} is not one of the solvers {self._candidate_solvers()} "
-                    f"of the candidates {self.candidates}."
+                    f"of the candidates {self._candidates()}."
                 )
             check_solver_args(name, args)
         return self
@@ -340,7 +349,7 @@ class LearnedPermutationModifier(Modifier):
             [module for module in self._targeted if isinstance(module, nn.Linear)],
             self._objective_modules,
             SearchSettings(
-                candidates=tuple(self.candidates) if self.method == "select" else (self.method,),
+                candidates=tuple(self._candidates()) if self.method == "select" else (self.method,),
                 pruner=(PrunerModel.following(self._pruner, self._score_kind, self._n, self._m)
                         if self.simulate_sparsegpt_update else PrunerModel(self._score_kind, self._n, self._m)),
                 seed=self.seed,
@@ -372,9 +381,16 @@ class LearnedPermutationModifier(Modifier):
             return {self.method: dict(self.solver_args)}
         return {name: dict(self.solver_args.get(name, {})) for name in self._candidate_solvers()}
 
+    def _candidates(self) -> list[str]:
+        """``candidates``, or the default for the resolved score (before ``on_initialize``: the default's solvers,
+        which are the same for every score)."""
+        if self.candidates is not None:
+            return list(self.candidates)
+        return list(DEFAULT_CANDIDATES_BY_SCORE.get(getattr(self, "_score_kind", None), DEFAULT_CANDIDATES))
+
     def _candidate_solvers(self) -> list[str]:
         """The solvers the candidates run, chains (``ria+greedy``) split into their stages."""
-        return list(dict.fromkeys(stage for name in self.candidates for stage in parse_candidate(name)[0]))
+        return list(dict.fromkeys(stage for name in self._candidates() for stage in parse_candidate(name)[0]))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
@@ -398,7 +414,7 @@ class LearnedPermutationModifier(Modifier):
             "modifier": type(self).__name__,
             "mask_structure": self.mask_structure,
             "method": self.method,
-            "candidates": list(self.candidates) if self.method == "select" else [self.method],
+            "candidates": self._candidates() if self.method == "select" else [self.method],
             "score": getattr(self, "_score_kind", self.score),
             "sample_tokens": self.sample_tokens,
             "scoring_tokens": self._scoring_tokens(),
