@@ -177,3 +177,13 @@ def test_a_cell_shows_a_dash_for_a_text_the_row_was_not_measured_on():
     assert cell(row("ria", 0, 1.5)) == "15.00 / 30.00 (1.5000)"
     assert cell({**row("ria", 0, 1.5), "wikitext2_ppl": None}) == "15.00 / - (1.5000)"  # stories260K rows
     assert cell(None) == "-"
+
+
+def test_a_text_the_rows_were_not_measured_on_has_no_gap_share():
+    """stories260K's ``end_to_end_ablation.py`` rows have no WikiText-2: that column is '-', the other a share."""
+    rows = keyed(*({**r, "wikitext2_ppl": None} for r in (
+        row("default (select)", 0, 1.5, "ria"), row("ria", 0, 1.5), row("greedy", 0, 1.6),
+        row("pruner alone", 0, 2.0), row("dense", 0, 0.0))))
+    grid, _, _ = run_grid(rows, [0])
+    assert share(rows, grid[0, 0, "default"], 0, "wikitext2_ppl") is None
+    assert share(rows, grid[0, 0, "default"], 0, "held_out_ppl") == pytest.approx(0.25)
