@@ -112,8 +112,9 @@ def variants(pruner: str, steps: int, random_factor: int, train_tokens: int) -> 
         # weight, the diagonal second-order estimate of the loss the mask costs
         *(seeded("method greedy, wanda_energy score, fisher residual", (0, 1, 2), ("score", "wanda_energy"),
                  ("residual_weighting", "fisher"), method="greedy") if pruner == "wanda" else []),
-        *(seeded("select + greedy@wanda_energy", (0, 1, 2),
-                 ("candidates", ("identity", "ria", "greedy", "greedy@wanda_energy"))) if pruner == "wanda" else []),
+        # (with SparseGPT too: greedy on the Wanda energy next to greedy on SparseGPT's own score)
+        *seeded("select + greedy@wanda_energy", (0, 1, 2),
+                ("candidates", ("identity", "ria", "greedy", "greedy@wanda_energy"))),
         model_objective("select + end-to-end residual"),
         model_objective("identity + end-to-end residual", extra=(("candidates", ("identity",)),)),
         model_objective("select + end-to-end all sites", sites=["residual", "mlp", "attn_vo"]),
