@@ -189,7 +189,9 @@ def share(rows: dict, row: dict, cal: int, key: str) -> float | None:
     """``gap_share``, None where pruning left no gap (it lowered that text's perplexity), the pruner alone's
     row is not among the inputs (e.g. rows evaluated on another held-out text) or a row was not measured on
     that text (the small models' ``end_to_end_ablation.py`` rows have no WikiText-2)."""
-    if ("pruner alone", cal) not in rows or any(r.get(key) is None for r in (row, rows["pruner alone", cal], rows["dense", cal])):
+    if ("pruner alone", cal) not in rows:
+        return None
+    if any(measured.get(key) is None for measured in (row, rows["pruner alone", cal], rows["dense", cal])):
         return None
     gap = rows["pruner alone", cal][key] > rows["dense", cal][key]
     return gap_share(rows, row, cal, key) if gap else None
